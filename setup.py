@@ -1,0 +1,27 @@
+"""StepPO for verl: a verl plugin for step-level credit assignment in multi-turn LLM agents.
+
+Installs into an existing verl environment. torch and verl are deliberately not pinned beyond the
+verl release line we test (0.9.x), so `pip install -e .` never reinstalls or upgrades them.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="steppo-verl",
+    version="0.1.0",
+    description="StepPO (step-level MDP, step-level GAE, step-aligned ratios) as a verl plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["steppo_verl", "steppo_verl.*"]),
+    include_package_data=True,
+    package_data={"steppo_verl": ["**/*.yaml", "**/*.json", "**/*.jsonl"]},
+    install_requires=["verl>=0.9.1,<0.10"],
+    extras_require={
+        # GPU nodes: the rollout engine verl 0.9.1 is tested with, and flash attention.
+        "vllm": ["vllm>=0.24,<0.25"],
+        "flash-attn": ["flash-attn>=2.8"],
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+    },
+    entry_points={"verl.plugins": ["steppo = steppo_verl.plugin"]},
+)

@@ -1,0 +1,418 @@
+"""Step-level advantage estimators, registered with verl's estimator registry.
+
+``steppo``      step-level GAE with a critic (the StepPO paper's estimator).
+``gigpo``       GiGPO: episode groups + anchor-state step groups (Feng et al., 2025).
+``step_grpo``   GRPO with a per-step discounted reward-to-go.
+``step_rloo``   RLOO with a per-step discounted reward-to-go.
+
+All of them read steps through :mod:`steppo_verl.protocol`; ``gamma`` and ``lam`` act per step,
+never per token. verl's stock ``gae`` (token-level PPO) and ``grpo`` stay the token/trajectory
+baselines. A verl estimator receives only ``token_level_rewards``, ``response_mask``, ``config``
+and ``index``; the critic values, ``step_ids``, ``bootstrap_values`` and ``step_keys`` arrive as
+extra keyword arguments from the StepPO trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from verl.trainer.ppo.core_algos import register_adv_est
+from verl.utils.torch_functional import masked_whiten
+
+from steppo_verl.protocol import Steps, gather_at_step_starts, locate_steps, scatter_to_tokens, step_rewards
+
+__all__ = [
+    "ESTIMATORS",
+    "algorithm_option",
+    "compute_steppo_advantage",
+    "compute_gigpo_advantage",
+    "compute_step_grpo_advantage",
+    "compute_step_rloo_advantage",
+    "discounted_reverse_cumsum",
+    "step_returns",
+]
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_finite(name: str, x: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    if where is None and x.dim() == 2 and bool(torch.isfinite(x.sum(dim=1, dtype=torch.float64)).all()):
+        return  # fast path: a NaN/inf anywhere in a row makes its float64 sum non-finite
+    bad = ~torch.isfinite(x)
+    if where is not None:
+        bad &= where
+    if bool(bad.any()):
+        position = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} contains NaN/inf at sample {position[0]}"
+            + (f", position {position[1]}" if len(position) > 1 else "")
+            + f" (value {x[tuple(position)].item()}); refusing to compute advantages from it"
+        )
+
+
+def _check_shape(name: str, x: torch.Tensor, shape: torch.Size) -> None:
+    if x.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)}")
+
+
+def _check_factor(name: str, value: float) -> None:
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+# ----------------------------------------------------------------------------- step maths
+
+
+def discounted_reverse_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``y[:, k] = sum_{j >= k} factor**(j - k) * x[:, j]`` along the step axis.
+
+    One ``[B, K] @ [K, K]`` product instead of a loop over steps: K is the number of steps (tens
+    at most), so the triangular matrix is tiny and the product is exact to float rounding.
+    """
+    k = x.shape[1]
+    offsets = torch.arange(k, device=x.device, dtype=x.dtype)
+    powers = offsets[None, :] - offsets[:, None]  # [K, K], j - k
+    weights = torch.where(powers >= 0, torch.as_tensor(factor, dtype=x.dtype, device=x.device) ** powers.clamp(min=0), 0)
+    return x @ weights.T
+
+
+def step_returns(token_level_rewards: torch.Tensor, steps: Steps, gamma: float) -> torch.Tensor:
+    """``[B, K]`` discounted reward-to-go per step, ``G_k = r_k + gamma * G_{k+1}``."""
+    return discounted_reverse_cumsum(step_rewards(token_level_rewards, steps), gamma)
+
+
+def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """Whiten over steps, each step counted once (not once per token)."""
+    count = int(step_mask.sum())
+    if count == 0:
+        return advantages
+    if count == 1:
+        raise ValueError(
+            "step-level whitening needs at least 2 steps in the batch, got 1; "
+            "use a larger batch or set algorithm.steppo.whiten=false"
+        )
+    return torch.where(step_mask, masked_whiten(advantages, step_mask), torch.zeros_like(advantages))
+
+
+# ----------------------------------------------------------------------------- StepPO
+
+
+def compute_steppo_advantage(
+    token_level_rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    step_ids: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    bootstrap_values: torch.Tensor | None = None,
+    whiten: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step-level GAE (StepPO): one TD error per agent step, broadcast to the step's tokens.
+
+    With r_k the step reward, V_k = V(s_k) the critic value at the step's first token and
+    V_K = ``bootstrap_values`` (0 when the episode terminated, V(s_K) when it was cut off)::
+
+        delta_k = r_k + gamma * V_{k+1} - V_k
+        A_k     = delta_k + gamma * lam * A_{k+1}
+        R_k     = A_k + V_k
+
+    Args:
+        token_level_rewards: ``[B, L]`` rewards; a step's reward is the sum over its tokens plus
+            rewards on the non-action tokens after it (see :func:`protocol.step_rewards`).
+        values: ``[B, L]`` critic values in verl's alignment (``values[:, t]`` is V before token t).
+        response_mask: ``[B, L]`` 1 on action tokens.
+        step_ids: ``[B, L]`` int64 step ids (-1 off action tokens); ``None`` recovers steps as the
+            runs of 1s in ``response_mask``.
+        gamma: discount per step.
+        lam: GAE lambda per step.
+        bootstrap_values: ``[B]`` value after the final step; ``None`` means every episode
+            terminated (zeros).
+        whiten: whiten the advantages over all steps in the batch, each step counted once.
+
+    Returns:
+        advantages: ``[B, L]`` A_k on the tokens of step k, 0 elsewhere.
+        returns: ``[B, L]`` R_k (critic targets) on the tokens of step k, 0 elsewhere.
+    """
+    shape = response_mask.shape
+    _check_shape("token_level_rewards", token_level_rewards, shape)
+    _check_shape("values", values, shape)
+    _check_factor("gamma", gamma)
+    _check_factor("lam", lam)
+    steps = locate_steps(response_mask, step_ids)
+    _check_finite("token_level_rewards", token_level_rewards)
+
+    with torch.no_grad():
+        dtype = torch.promote_types(token_level_rewards.dtype, torch.float32)
+        rewards = step_rewards(token_level_rewards.to(dtype), steps)  # [B, K]
+        step_values = gather_at_step_starts(values, steps).to(dtype)  # [B, K] V(s_k)
+        step_mask = steps.step_mask
+        _check_finite("values at step starts", step_values, step_mask)
+
+        if bootstrap_values is None:
+            bootstrap_values = rewards.new_zeros(shape[0])
+        _check_shape("bootstrap_values", bootstrap_values, torch.Size([shape[0]]))
+        _check_finite("bootstrap_values", bootstrap_values)
+
+        next_values = torch.where(
+            steps.is_last(), bootstrap_values.to(dtype)[:, None], F.pad(step_values[:, 1:], (0, 1))
+        )
+        deltas = torch.where(step_mask, rewards + gamma * next_values - step_values, torch.zeros_like(rewards))
+        advantages = discounted_reverse_cumsum(deltas, gamma * lam)
+        returns = advantages + step_values
+        if whiten:
+            advantages = _whiten_steps(advantages, step_mask)
+
+        out_dtype = token_level_rewards.dtype
+        return scatter_to_tokens(advantages.to(out_dtype), steps), scatter_to_tokens(returns.to(out_dtype), steps)
+
+
+# ----------------------------------------------------------------------------- group baselines
+
+
+def _group_ids(index: Any, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Map verl's per-sample ``uid`` array (prompt groups) to dense int64 group ids ``[B]``."""
+    if index is None:
+        raise ValueError("group-relative estimators need the per-sample prompt uid (`index`); none was given")
+    index = np.asarray(index)
+    if index.shape != (batch_size,):
+        raise ValueError(f"index (uid) has shape {index.shape}, expected ({batch_size},)")
+    _, inverse = np.unique(index.astype(str) if index.dtype == object else index, return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+
+
+def _group_stats(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-element group count, mean and unbiased std (``torch.std`` convention), all ``[N]``."""
+    num_groups = int(groups.max()) + 1 if groups.numel() else 0
+    count = torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, groups, torch.ones_like(x))
+    mean = torch.zeros_like(count).index_add_(0, groups, x) / count
+    squares = torch.zeros_like(count).index_add_(0, groups, (x - mean[groups]) ** 2)
+    std = (squares / (count - 1).clamp(min=1)).sqrt()
+    return count[groups], mean[groups], std[groups]
+
+
+def _episode_baseline(
+    episode_return: torch.Tensor, groups: torch.Tensor, scale_by_std: bool, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative baseline and scale ``[B]`` of the episode return G_0.
+
+    A group of one keeps its raw value (baseline 0, scale 1): verl's GRPO rule.
+    """
+    count, mean, std = _group_stats(episode_return, groups)
+    single = count < 2
+    baseline = torch.where(single, torch.zeros_like(mean), mean)
+    scale = torch.where(single, torch.ones_like(std), std + epsilon) if scale_by_std else torch.ones_like(std)
+    return baseline, scale
+
+
+def compute_step_grpo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    step_ids: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    norm_adv_by_std: bool = True,
+    epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO on per-step reward-to-go: ``A_k = (G_k - mean_g G_0) / (std_g G_0 + eps)``.
+
+    The baseline is the prompt group's episode return G_0 (state-independent, so unbiased).
+    With ``gamma = 1`` and only an outcome reward, ``G_k = G_0`` and this equals verl's ``grpo``.
+
+    Args:
+        token_level_rewards, response_mask, step_ids: as in :func:`compute_steppo_advantage`.
+        index: ``[B]`` prompt uid per sample; samples sharing it form a group.
+
+    Returns:
+        ``[B, L]`` advantages and the same tensor as returns (verl's convention for critic-free
+        estimators).
+    """
+    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    step_mask = steps.step_mask
+    baseline, scale = _episode_baseline(_episode_return(returns), groups, norm_adv_by_std, epsilon)
+    advantages = torch.where(step_mask, (returns - baseline[:, None]) / scale[:, None], torch.zeros_like(returns))
+    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    return advantages, advantages
+
+
+def compute_step_rloo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    step_ids: torch.Tensor | None = None,
+    gamma: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO on per-step reward-to-go: ``A_k = G_k - mean of the other group members' G_0``.
+
+    With ``gamma = 1`` and only an outcome reward this equals verl's ``rloo``; a group of one
+    keeps its raw return, as there.
+    """
+    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    step_mask = steps.step_mask
+    episode_return = _episode_return(returns)
+    count, mean, _ = _group_stats(episode_return, groups)
+    leave_one_out = torch.where(count > 1, (mean * count - episode_return) / (count - 1).clamp(min=1), 0.0)
+    advantages = torch.where(step_mask, returns - leave_one_out[:, None], torch.zeros_like(returns))
+    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    return advantages, advantages
+
+
+def compute_gigpo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    step_ids: torch.Tensor | None = None,
+    step_keys: torch.Tensor | None = None,
+    gamma: float = 1.0,
+    step_weight: float = 1.0,
+    norm_adv_by_std: bool = True,
+    epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GiGPO (Feng et al., 2025): ``A_k = A^E + step_weight * A^S_k``.
+
+    ``A^E`` normalises the episode return G_0 within the prompt group (as GRPO). ``A^S_k``
+    normalises the step's discounted reward-to-go G_k within its *anchor-state group*: the steps,
+    across the prompt group's trajectories, taken from the same state.
+
+    Args:
+        token_level_rewards, response_mask, step_ids: as in :func:`compute_steppo_advantage`.
+        index: ``[B]`` prompt uid per sample.
+        step_keys: ``[B, K]`` int64 key of the state each step was taken from (the agent loop
+            records a hash of the observation). ``None`` falls back to the step index: the k-th
+            steps of one prompt's trajectories form a group. That is exact for step 0 (same
+            prompt) and an approximation after it; record keys to get true anchor states.
+        step_weight: weight of the step-level term (the GiGPO paper's omega, 1.0).
+        norm_adv_by_std: divide by the group std ("mean_std") or only centre ("mean_norm").
+
+    Returns:
+        ``[B, L]`` advantages, twice (no critic returns).
+    """
+    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    step_mask = steps.step_mask
+    episode_return = _episode_return(returns)
+    baseline, scale = _episode_baseline(episode_return, groups, norm_adv_by_std, epsilon)
+    episode_adv = (episode_return - baseline) / scale  # [B]
+
+    max_steps = returns.shape[1]
+    if step_keys is None:
+        step_keys = torch.arange(max_steps, device=returns.device).expand(returns.shape[0], max_steps)
+    else:
+        step_keys = torch.as_tensor(step_keys, device=returns.device)[:, :max_steps]
+        _check_shape("step_keys", step_keys, returns.shape)
+    anchor = torch.stack([groups[:, None].expand_as(step_keys), step_keys.long()], dim=-1)[step_mask]  # [N, 2]
+    anchor_groups = torch.unique(anchor, dim=0, return_inverse=True)[1] if anchor.numel() else anchor[:, 0]
+    step_adv = torch.zeros_like(returns)
+    # A state visited once has nothing to compare with: its step term is 0, not its raw return.
+    count, mean, std = _group_stats(returns[step_mask], anchor_groups)
+    centred = torch.where(count > 1, returns[step_mask] - mean, 0.0)
+    step_adv[step_mask] = centred / (std + epsilon) if norm_adv_by_std else centred
+
+    advantages = torch.where(step_mask, episode_adv[:, None] + step_weight * step_adv, torch.zeros_like(returns))
+    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    return advantages, advantages
+
+
+def _episode_return(returns: torch.Tensor) -> torch.Tensor:
+    """``[B]`` G_0, the whole episode's discounted return (0 for a sample without steps)."""
+    return returns[:, 0] if returns.shape[1] else returns.new_zeros(returns.shape[0])
+
+
+def _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma):
+    _check_shape("token_level_rewards", token_level_rewards, response_mask.shape)
+    _check_factor("gamma", gamma)
+    steps = locate_steps(response_mask, step_ids)
+    _check_finite("token_level_rewards", token_level_rewards)
+    dtype = torch.promote_types(token_level_rewards.dtype, torch.float32)
+    returns = step_returns(token_level_rewards.to(dtype), steps, gamma)
+    groups = _group_ids(index, response_mask.shape[0], response_mask.device)
+    return steps, returns, groups
+
+
+# ----------------------------------------------------------------------------- verl registration
+
+
+def algorithm_option(config: Any, path: str, default: Any) -> Any:
+    """Read ``algorithm.<path>`` from verl's algorithm config (DictConfig, AlgoConfig or dict)."""
+    node = config
+    for part in path.split("."):
+        if node is None:
+            return default
+        node = node.get(part, None) if hasattr(node, "get") else getattr(node, part, None)
+    return default if node is None else node
+
+
+@register_adv_est("steppo")
+def steppo_estimator(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any = None,
+    index: Any = None,
+    values: torch.Tensor | None = None,
+    step_ids: torch.Tensor | None = None,
+    bootstrap_values: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """verl entry for ``algorithm.adv_estimator=steppo``; see :func:`compute_steppo_advantage`."""
+    if values is None:
+        raise ValueError(
+            "adv_estimator=steppo needs critic values at step starts, and verl does not pass `values` "
+            "to registered estimators. Set critic.enable=true and train through the StepPO trainer "
+            "(python -m steppo_verl.main), which hands values, step_ids and bootstrap values to the estimator."
+        )
+    return compute_steppo_advantage(
+        token_level_rewards,
+        values,
+        response_mask,
+        step_ids=step_ids,
+        gamma=algorithm_option(config, "gamma", 1.0),
+        lam=algorithm_option(config, "lam", 1.0),
+        bootstrap_values=bootstrap_values,
+        whiten=algorithm_option(config, "steppo.whiten", True),
+    )
+
+
+@register_adv_est("gigpo")
+def gigpo_estimator(token_level_rewards, response_mask, config=None, index=None, step_ids=None, step_keys=None, **kwargs):
+    """verl entry for ``algorithm.adv_estimator=gigpo``; see :func:`compute_gigpo_advantage`."""
+    return compute_gigpo_advantage(
+        token_level_rewards,
+        response_mask,
+        index,
+        step_ids=step_ids,
+        step_keys=step_keys,
+        gamma=algorithm_option(config, "gamma", 1.0),
+        step_weight=algorithm_option(config, "gigpo.step_weight", 1.0),
+        norm_adv_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
+    )
+
+
+@register_adv_est("step_grpo")
+def step_grpo_estimator(token_level_rewards, response_mask, config=None, index=None, step_ids=None, **kwargs):
+    """verl entry for ``algorithm.adv_estimator=step_grpo``; see :func:`compute_step_grpo_advantage`."""
+    return compute_step_grpo_advantage(
+        token_level_rewards,
+        response_mask,
+        index,
+        step_ids=step_ids,
+        gamma=algorithm_option(config, "gamma", 1.0),
+        norm_adv_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
+    )
+
+
+@register_adv_est("step_rloo")
+def step_rloo_estimator(token_level_rewards, response_mask, config=None, index=None, step_ids=None, **kwargs):
+    """verl entry for ``algorithm.adv_estimator=step_rloo``; see :func:`compute_step_rloo_advantage`."""
+    return compute_step_rloo_advantage(
+        token_level_rewards, response_mask, index, step_ids=step_ids, gamma=algorithm_option(config, "gamma", 1.0)
+    )
+
+
+# What this module registers with verl; the plugin checks each entry after import.
+ESTIMATORS = {
+    "steppo": steppo_estimator,
+    "gigpo": gigpo_estimator,
+    "step_grpo": step_grpo_estimator,
+    "step_rloo": step_rloo_estimator,
+}

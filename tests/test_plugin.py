@@ -1,0 +1,117 @@
+"""Registration through verl's plugin entry point, in fresh processes and in a Ray worker."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **env},
+        cwd="/",  # make sure the installed package (entry point) is what is found, not the checkout
+    )
+
+
+CHECK_REGISTRY = """
+import sys
+assert 'steppo_verl' not in sys.modules
+import verl
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY))
+"""
+
+
+def test_import_verl_alone_registers_our_estimators():
+    result = _python(CHECK_REGISTRY)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo']"
+
+
+def test_plugins_can_be_switched_off_with_verls_own_variable():
+    result = _python(CHECK_REGISTRY, VERL_USE_EXTERNAL_PLUGINS="none")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_registration_failure_is_loud():
+    # Another plugin took the name 'steppo' first: importing ours must log an ERROR and raise.
+    code = """
+import verl
+from verl.trainer.ppo.core_algos import register_adv_est
+register_adv_est('steppo')(lambda **kw: None)
+import steppo_verl.plugin
+"""
+    result = _python(code, VERL_USE_EXTERNAL_PLUGINS="none")
+    assert result.returncode != 0
+    assert "steppo_verl failed to register its components with verl" in result.stderr
+    assert "already been registered" in result.stderr
+
+
+def test_registration_is_idempotent():
+    import steppo_verl.plugin as plugin
+
+    plugin.ensure_registered()
+    importlib.reload(plugin)
+    plugin.ensure_registered()
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+
+    from steppo_verl.advantage import ESTIMATORS
+
+    assert all(get_adv_estimator_fn(name) is fn for name, fn in ESTIMATORS.items())
+
+
+def test_ensure_registered_detects_a_hijacked_name(monkeypatch):
+    from verl.trainer.ppo import core_algos
+
+    import steppo_verl.plugin as plugin
+
+    monkeypatch.setitem(core_algos.ADV_ESTIMATOR_REGISTRY, "gigpo", lambda **kw: None)
+    with pytest.raises(RuntimeError, match="another plugin registered the same name"):
+        plugin.ensure_registered()
+
+
+@pytest.mark.timeout(300)
+def test_ray_worker_finds_steppo_through_the_entry_point_alone():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+
+        @ray.remote(num_cpus=1)
+        def registry_in_worker():
+            import sys
+
+            fresh = "steppo_verl" not in sys.modules
+            import verl  # noqa: F401  (the plugin entry point runs here)
+            from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
+
+            return fresh, "steppo" in ADV_ESTIMATOR_REGISTRY, os.getpid()
+
+        fresh, found, pid = ray.get(registry_in_worker.remote(), timeout=240)
+        assert pid != os.getpid()
+        assert fresh, "the worker had steppo_verl imported before verl; the test would prove nothing"
+        assert found
+    finally:
+        ray.shutdown()
+
+
+def test_editable_install_does_not_touch_torch_or_verl(tmp_path):
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation", "--quiet",
+         "--report", str(report), "-e", str(REPO)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    installs = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
+    assert installs == ["steppo-verl"]

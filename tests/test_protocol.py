@@ -1,0 +1,178 @@
+"""Step-segment protocol: property tests (hypothesis) and named error cases."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from layouts import reference_step_rewards, steps_of_row
+
+from steppo_verl.protocol import (
+    StepLayoutError,
+    gather_at_step_starts,
+    locate_steps,
+    scatter_to_tokens,
+    step_ids_from_mask,
+    step_means,
+    step_rewards,
+    step_sums,
+    validate_step_ids,
+)
+
+
+def num_steps(step_ids):
+    return locate_steps(step_ids >= 0, step_ids).num_steps
+
+masks = st.integers(1, 6).flatmap(
+    lambda b: st.integers(0, 24).flatmap(
+        lambda length: st.lists(st.lists(st.integers(0, 1), min_size=length, max_size=length), min_size=b, max_size=b)
+    )
+)
+
+
+@st.composite
+def valid_layouts(draw):
+    """Explicit step ids, including adjacent steps with no observation token between them."""
+    batch_size = draw(st.integers(1, 5))
+    rows = []
+    for _ in range(batch_size):
+        ids = [-1] * draw(st.integers(0, 2))
+        for k in range(draw(st.integers(0, 5))):
+            ids += [k] * draw(st.integers(1, 4)) + [-1] * draw(st.integers(0, 3))
+        rows.append(ids)
+    length = max(len(r) for r in rows) + draw(st.integers(0, 2))
+    step_ids = torch.full((batch_size, length), -1, dtype=torch.int64)
+    for b, ids in enumerate(rows):
+        step_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+    return step_ids
+
+
+def _tensor(rows):
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(masks)
+def test_recover_then_validate_round_trip(rows):
+    mask = _tensor(rows)
+    step_ids = step_ids_from_mask(mask)
+    validate_step_ids(step_ids, mask)
+    assert torch.equal(step_ids >= 0, mask.bool())
+    for b, row in enumerate(rows):  # one step per maximal run of 1s
+        runs = sum(1 for t, m in enumerate(row) if m and (t == 0 or not row[t - 1]))
+        assert int(num_steps(step_ids)[b]) == runs
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_layouts(), st.integers(0, 2**31 - 1))
+def test_scatter_then_gather_is_identity(step_ids, seed):
+    steps = locate_steps((step_ids >= 0).long(), step_ids)
+    per_step = torch.randn(steps.step_mask.shape, generator=torch.Generator().manual_seed(seed)) * steps.step_mask
+    tokens = scatter_to_tokens(per_step, steps)
+    assert torch.equal(gather_at_step_starts(tokens, steps), per_step)  # exact, not approximately
+    torch.testing.assert_close(step_means(tokens, steps), per_step)
+    assert torch.all(tokens[step_ids < 0] == 0)
+    assert torch.equal(steps.step_ids(), step_ids)
+
+
+@settings(max_examples=150, deadline=None)
+@given(valid_layouts())
+def test_starts_sums_and_rewards_match_plain_iteration(step_ids):
+    steps = locate_steps(step_ids >= 0, step_ids)
+    starts, step_mask = steps.starts, steps.step_mask
+    rewards = torch.arange(step_ids.numel(), dtype=torch.float64).reshape(step_ids.shape) % 7 - 3
+    sums = step_sums(rewards, steps)
+    per_step_rewards = step_rewards(rewards, steps)
+    for b in range(step_ids.shape[0]):
+        row = step_ids[b].tolist()
+        steps = steps_of_row(row)
+        assert [int(s) for s in starts[b][step_mask[b]]] == [s[0] for s in steps]
+        assert sums[b][: len(steps)].tolist() == [sum(float(rewards[b, t]) for t in s) for s in steps]
+        assert per_step_rewards[b][: len(steps)].tolist() == pytest.approx(
+            reference_step_rewards(rewards[b].tolist(), row)
+        )
+
+
+@st.composite
+def broken_layouts(draw):
+    """A valid layout with one rule broken in one sample; returns (step_ids, mask, sample)."""
+    step_ids = draw(valid_layouts().filter(lambda s: bool((num_steps(s) >= 2).any())))
+    mask = (step_ids >= 0).long()
+    candidates = (num_steps(step_ids) >= 2).nonzero().flatten().tolist()
+    b = draw(st.sampled_from(candidates))
+    ids = step_ids.clone()
+    kind = draw(st.sampled_from(["id_on_masked", "missing_id", "skip", "reorder", "split", "below_minus_one"]))
+    row_steps = steps_of_row(ids[b].tolist())
+    if kind == "id_on_masked":
+        mask[b, row_steps[0][0]] = 0
+    elif kind == "missing_id":
+        ids[b, row_steps[0][0]] = -1
+    elif kind == "skip":
+        for k, tokens in enumerate(row_steps[1:], start=1):
+            ids[b, tokens] = k + 1
+    elif kind == "split" and len(row_steps[1]) >= 2:  # step 0 appears again inside step 1
+        ids[b, row_steps[1][-1]] = 0
+    elif kind in ("reorder", "split"):
+        ids[b, row_steps[0]] = 1
+        ids[b, row_steps[1]] = 0
+    else:
+        ids[b, row_steps[0][0]] = -2
+        mask[b, row_steps[0][0]] = 0
+    return ids, mask, b
+
+
+@settings(max_examples=200, deadline=None)
+@given(broken_layouts())
+def test_invalid_layouts_are_rejected_naming_the_sample(case):
+    ids, mask, b = case
+    with pytest.raises(StepLayoutError, match=rf"sample {b} at response token \d+"):
+        validate_step_ids(ids, mask)
+
+
+@pytest.mark.parametrize(
+    "ids,mask,message",
+    [
+        ([[0, 0, -1, 1]], [[1, 1, 0, 0]], "response_mask == 0 carries a step id"),
+        ([[0, -1, -1, 1]], [[1, 1, 0, 1]], "action token .* has no step id"),
+        ([[0, -1, 2, -1]], [[1, 0, 1, 0]], "step 2 follows step 0"),
+        ([[1, -1, 0, -1]], [[1, 0, 1, 0]], "step 1 follows step -1"),
+        ([[0, -1, 1, -1, 0]], [[1, 0, 1, 0, 1]], "step 0 appears again after step 1"),
+    ],
+)
+def test_each_rule_has_a_readable_message(ids, mask, message):
+    with pytest.raises(StepLayoutError, match=message):
+        validate_step_ids(torch.tensor(ids), torch.tensor(mask))
+
+
+def test_type_and_shape_errors():
+    with pytest.raises(StepLayoutError, match="integer tensor"):
+        validate_step_ids(torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(StepLayoutError, match=r"shape \(2, 3\) but response_mask has shape \(2, 4\)"):
+        validate_step_ids(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4))
+
+
+def test_adjacent_steps_need_explicit_ids():
+    # Two actions with no observation between them: mask runs see one step, explicit ids two.
+    mask = torch.tensor([[1, 1, 1, 0]])
+    explicit = torch.tensor([[0, 1, 1, -1]])
+    assert int(locate_steps(mask).num_steps[0]) == 1
+    assert int(locate_steps(mask, explicit).num_steps[0]) == 2
+
+
+def test_rewards_before_the_first_step_and_after_the_last():
+    ids = torch.tensor([[-1, 0, 0, -1, 1, -1], [-1, -1, -1, -1, -1, -1]])
+    rewards = torch.tensor([[0.5, 0.0, 1.0, 2.0, 0.0, 4.0], [1.0, 0, 0, 0, 0, 0]])
+    steps = locate_steps(ids >= 0, ids)
+    assert step_rewards(rewards, steps).tolist() == [[3.5, 4.0], [0.0, 0.0]]
+    assert steps.next_starts().tolist() == [[4, 6], [6, 6]]
+    assert steps.is_last().tolist() == [[False, True], [False, False]]
+
+
+def test_step_ids_from_mask_example():
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0]])
+    assert step_ids_from_mask(mask).tolist() == [[0, 0, -1, 1, -1, -1, 2], [-1] * 7]
+
+
+def test_zero_length_rows():
+    steps = locate_steps(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, dtype=torch.long))
+    assert steps.starts.shape == (3, 0) and steps.num_steps.tolist() == [0, 0, 0]
+    assert scatter_to_tokens(torch.zeros(3, 0), steps).shape == (3, 0)

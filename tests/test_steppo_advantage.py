@@ -1,0 +1,190 @@
+"""compute_steppo_advantage against a plain-loop reference, plus its error handling."""
+
+import math
+
+import pytest
+import torch
+from layouts import Layout, random_layout, reference_steppo
+
+from steppo_verl.advantage import compute_steppo_advantage, steppo_estimator
+from steppo_verl.protocol import StepLayoutError
+
+GAMMA_LAM = [(1.0, 1.0), (0.99, 1.0), (0.9, 0.95), (0.5, 0.0), (0.0, 0.7)]
+
+
+def _run(layout: Layout, gamma, lam, whiten, explicit_ids=True, bootstrap=True):
+    return compute_steppo_advantage(
+        layout.rewards,
+        layout.values,
+        layout.response_mask,
+        step_ids=layout.step_ids if explicit_ids else None,
+        gamma=gamma,
+        lam=lam,
+        bootstrap_values=layout.bootstrap if bootstrap else None,
+        whiten=whiten,
+    )
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("gamma,lam", GAMMA_LAM)
+@pytest.mark.parametrize("whiten", [False, True])
+def test_matches_reference_with_explicit_step_ids(seed, gamma, lam, whiten):
+    layout = random_layout(seed, allow_adjacent_steps=True)
+    adv, ret = _run(layout, gamma, lam, whiten)
+    ref_adv, ref_ret = reference_steppo(layout, gamma, lam, whiten)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_steps_recovered_from_mask_runs_match_reference(seed):
+    layout = random_layout(seed, allow_adjacent_steps=False)
+    adv, ret = _run(layout, 0.95, 0.9, whiten=True, explicit_ids=False)
+    ref_adv, ref_ret = reference_steppo(layout, 0.95, 0.9, whiten=True)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
+
+
+def test_terminated_vs_truncated_bootstrap():
+    # One step, reward 1, V(s0) = 0.25. Terminated: A = 1 - 0.25. Truncated with V(s1) = 0.5:
+    # A = 1 + 0.9 * 0.5 - 0.25.
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0]])
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.25, 9.0, 9.0], [0.25, 9.0, 9.0]])
+    adv, ret = compute_steppo_advantage(
+        rewards, values, mask, gamma=0.9, bootstrap_values=torch.tensor([0.0, 0.5]), whiten=False
+    )
+    assert adv[0].tolist() == pytest.approx([0.75, 0.75, 0.0])
+    assert adv[1].tolist() == pytest.approx([1.2, 1.2, 0.0])
+    assert ret[1].tolist() == pytest.approx([1.45, 1.45, 0.0])
+
+
+def test_values_are_read_only_at_step_starts():
+    # Values inside a step or on observation tokens (even NaN) must not change anything.
+    layout = random_layout(3, allow_adjacent_steps=False)
+    noisy = layout.values.clone()
+    first = torch.ones_like(layout.step_ids, dtype=torch.bool)
+    first[:, 1:] = layout.step_ids[:, 1:] != layout.step_ids[:, :-1]
+    off_start = ~(first & (layout.step_ids >= 0))
+    noisy[off_start] = float("nan")
+    a1, r1 = _run(layout, 0.9, 0.8, whiten=True)
+    a2, r2 = _run(Layout(layout.step_ids, layout.response_mask, layout.rewards, noisy, layout.bootstrap), 0.9, 0.8, True)
+    torch.testing.assert_close(a1, a2)
+    torch.testing.assert_close(r1, r2)
+
+
+def test_whitening_counts_each_step_once():
+    # Step 0 has 100 tokens, step 1 has 1: token-weighted whitening would give a different mean.
+    mask = torch.zeros(1, 102, dtype=torch.long)
+    mask[0, :100] = 1
+    mask[0, 101] = 1
+    rewards = torch.zeros(1, 102)
+    rewards[0, 101] = 1.0
+    adv, _ = compute_steppo_advantage(rewards, torch.zeros(1, 102), mask, gamma=0.5, whiten=True)
+    step_adv = torch.tensor([adv[0, 0], adv[0, 101]])
+    assert float(step_adv.mean()) == pytest.approx(0.0, abs=1e-6)
+    assert float(step_adv.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_empty_responses_get_zero_and_batch_of_only_empty_rows_is_fine():
+    mask = torch.zeros(3, 4, dtype=torch.long)
+    adv, ret = compute_steppo_advantage(torch.zeros(3, 4), torch.zeros(3, 4), mask, whiten=True)
+    assert adv.abs().sum() == 0 and ret.abs().sum() == 0
+
+
+def test_zero_length_responses():
+    adv, ret = compute_steppo_advantage(torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 0), whiten=False)
+    assert adv.shape == (2, 0) and ret.shape == (2, 0)
+
+
+def test_output_dtype_follows_rewards():
+    layout = random_layout(1)
+    adv, ret = compute_steppo_advantage(
+        layout.rewards.to(torch.bfloat16), layout.values, layout.response_mask, layout.step_ids, whiten=False
+    )
+    assert adv.dtype == torch.bfloat16 and ret.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_reward_is_rejected(bad):
+    layout = random_layout(0)
+    layout.rewards[2, 0] = bad
+    with pytest.raises(ValueError, match=r"token_level_rewards contains NaN/inf at sample 2"):
+        _run(layout, 1.0, 1.0, whiten=False)
+
+
+def test_non_finite_value_at_a_step_start_is_rejected():
+    layout = random_layout(0)
+    b = int((layout.step_ids >= 0).any(dim=1).nonzero()[0])
+    layout.values[b, 0] = float("nan")
+    layout.step_ids[b, 0] = 0  # make sure token 0 starts step 0
+    layout.response_mask[b, 0] = 1
+    with pytest.raises(ValueError, match=rf"values at step starts contains NaN/inf at sample {b}"):
+        _run(layout, 1.0, 1.0, whiten=False)
+
+
+def test_non_finite_bootstrap_is_rejected():
+    layout = random_layout(0)
+    layout.bootstrap[1] = float("nan")
+    with pytest.raises(ValueError, match="bootstrap_values contains NaN/inf at sample 1"):
+        _run(layout, 1.0, 1.0, whiten=False)
+
+
+@pytest.mark.parametrize(
+    "field,shape",
+    [("rewards", (6, 3)), ("values", (5, 1)), ("bootstrap", (7,))],
+)
+def test_shape_mismatch_is_rejected(field, shape):
+    layout = random_layout(0)
+    setattr(layout, field, torch.zeros(shape))
+    with pytest.raises(ValueError, match="has shape"):
+        _run(layout, 1.0, 1.0, whiten=False)
+
+
+def test_invalid_step_ids_are_rejected_with_the_sample():
+    layout = random_layout(0, allow_adjacent_steps=False)
+    b = int((layout.step_ids.max(dim=1).values >= 1).nonzero()[0])
+    ids = layout.step_ids.clone()
+    ids[b][ids[b] == 1] = 2  # skip step 1
+    with pytest.raises(StepLayoutError, match=rf"sample {b}"):
+        compute_steppo_advantage(layout.rewards, layout.values, layout.response_mask, step_ids=ids)
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.5, 1.0), (1.0, -0.1), (math.nan, 1.0)])
+def test_out_of_range_gamma_lam_is_rejected(gamma, lam):
+    layout = random_layout(0)
+    with pytest.raises(ValueError, match="must lie in"):
+        _run(layout, gamma, lam, whiten=False)
+
+
+def test_whitening_a_single_step_is_an_error_not_a_silent_zero():
+    mask = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        compute_steppo_advantage(torch.ones(1, 3), torch.zeros(1, 3), mask, whiten=True)
+
+
+def test_registered_entry_refuses_to_run_without_critic_values():
+    layout = random_layout(0)
+    with pytest.raises(ValueError, match="critic.enable=true"):
+        steppo_estimator(layout.rewards, layout.response_mask, config=None, index=None)
+
+
+def test_registered_entry_reads_gamma_lam_and_whiten_from_config():
+    from omegaconf import OmegaConf
+
+    layout = random_layout(5)
+    config = OmegaConf.create({"gamma": 0.9, "lam": 0.8, "steppo": {"whiten": False}})
+    adv, ret = steppo_estimator(
+        layout.rewards,
+        layout.response_mask,
+        config=config,
+        values=layout.values,
+        step_ids=layout.step_ids,
+        bootstrap_values=layout.bootstrap,
+    )
+    ref_adv, ref_ret = reference_steppo(layout, 0.9, 0.8, whiten=False)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
