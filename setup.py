@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["steppo_verl", "steppo_verl.*"]),
     include_package_data=True,
     package_data={"steppo_verl": ["**/*.yaml", "**/*.json", "**/*.jsonl"]},
-    install_requires=["verl>=0.9.1,<0.10"],
+    install_requires=["verl>=0.9.1,<0.10", "bm25s>=0.3", "PyStemmer>=3.0"],
     extras_require={
         # GPU nodes: the rollout engine verl 0.9.1 is tested with, and flash attention.
         "vllm": ["vllm>=0.24,<0.25"],

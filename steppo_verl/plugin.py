@@ -20,16 +20,21 @@ def ensure_registered() -> None:
     Raises:
         RuntimeError: a name resolves to another implementation (e.g. a conflicting plugin).
     """
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
     from steppo_verl.advantage import ESTIMATORS
+    from steppo_verl.loss import LOSSES
 
-    for name, fn in ESTIMATORS.items():
-        if get_adv_estimator_fn(name) is not fn:
-            raise RuntimeError(
-                f"verl's advantage estimator '{name}' resolves to {get_adv_estimator_fn(name)!r}, "
-                f"not steppo_verl's {fn.__qualname__}; another plugin registered the same name"
-            )
+    for kind, lookup, ours in (
+        ("advantage estimator", get_adv_estimator_fn, ESTIMATORS),
+        ("policy loss", get_policy_loss_fn, LOSSES),
+    ):
+        for name, fn in ours.items():
+            if lookup(name) is not fn:
+                raise RuntimeError(
+                    f"verl's {kind} '{name}' resolves to {lookup(name)!r}, not steppo_verl's "
+                    f"{fn.__qualname__}; another plugin registered the same name"
+                )
 
 
 try:

@@ -1,0 +1,140 @@
+"""Step-aligned policy loss: hand computation, per-step clipping, GSPO equivalence, verl's ppo_loss path."""
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.trainer.ppo.core_algos import compute_policy_loss_gspo, get_policy_loss_fn
+from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
+
+from steppo_verl.loss import compute_policy_loss_steppo
+
+
+def actor_config(clip=0.2, loss_mode="steppo", loss_agg_mode="token-mean"):
+    return FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=1,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio=clip,
+        loss_agg_mode=loss_agg_mode,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+    )
+
+
+def two_rows():
+    # Row 0: step 0 = tokens 0-2, observation 3-4, step 1 = token 5. Row 1: one step, tokens 0-1.
+    mask = torch.tensor([[1, 1, 1, 0, 0, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    old = torch.tensor([[-1.0, -2.0, -0.5, 0.0, 0.0, -1.0], [-0.3, -0.7, 0.0, 0.0, 0.0, 0.0]])
+    delta = torch.tensor([[0.30, -0.10, 0.10, 5.0, 5.0, 0.05], [-0.4, -0.2, 5.0, 5.0, 5.0, 5.0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, -2.0], [-1.0, -1.0, 0.0, 0.0, 0.0, 0.0]])
+    return mask, old, old + delta, adv
+
+
+def test_matches_hand_computation_one_ratio_per_step():
+    mask, old, new, adv = two_rows()
+    loss, metrics = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    # Step ratios: exp(mean log-ratio over the step's tokens).
+    s00 = math.exp((0.30 - 0.10 + 0.10) / 3)  # 1.105, A = +1: inside [0.8, 1.2]
+    s01 = math.exp(0.05)  # A = -2: inside
+    s10 = math.exp((-0.4 - 0.2) / 2)  # 0.741, A = -1: below 0.8 -> clipped at 0.8
+    token_losses = [-1.0 * s00] * 3 + [2.0 * s01] + [1.0 * 0.8] * 2  # max(-A s, -A clip(s))
+    expected = sum(token_losses) / 6  # token-mean over the 6 action tokens
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["actor/step_clipfrac"] == pytest.approx(1 / 3)
+    assert metrics["actor/step_ratio_mean"] == pytest.approx((s00 + s01 + s10) / 3, rel=1e-6)
+
+
+def test_clipping_is_per_step_and_stops_that_steps_gradient():
+    mask, old, new, adv = two_rows()
+    new = new.clone().requires_grad_(True)
+    loss, _ = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    loss.backward()
+    grad = new.grad
+    assert torch.all(grad[1, :2] == 0), "the clipped step gets no gradient on any of its tokens"
+    assert torch.all(grad[0, [0, 1, 2, 5]] != 0), "unclipped steps get gradient on every token"
+    assert torch.all(grad[~mask] == 0), "observation tokens get no gradient"
+    # Inside one unclipped step every token gets the same gradient: d/dlogp_t of -A * s_k * pi/sg(pi).
+    s00 = math.exp(0.30 / 3)
+    assert grad[0, :3].tolist() == pytest.approx([-1.0 * s00 / 6] * 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_equals_verl_gspo_when_every_row_is_one_step(loss_agg_mode):
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 7, dtype=torch.bool)
+    for b, length in enumerate([7, 3, 5, 1]):
+        mask[b, :length] = True
+    old = -torch.rand(4, 7, generator=gen)
+    delta = 0.3 * torch.randn(4, 7, generator=gen)
+    adv = torch.randn(4, 1, generator=gen).expand(4, 7) * mask
+    outputs = []
+    for fn in (compute_policy_loss_steppo, compute_policy_loss_gspo):
+        new = (old + delta).requires_grad_(True)
+        loss, _ = fn(old, new, adv, mask, loss_agg_mode, actor_config(clip=0.1, loss_agg_mode=loss_agg_mode))
+        loss.backward()
+        outputs.append((loss.detach(), new.grad))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    torch.testing.assert_close(outputs[0][1], outputs[1][1])
+
+
+def test_explicit_step_ids_split_adjacent_actions():
+    # Two actions with no token between them: mask runs see one step, explicit ids see two.
+    mask = torch.tensor([[1, 1, 1, 1]], dtype=torch.bool)
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[0.5, 0.5, -0.5, -0.5]])
+    adv = torch.ones(1, 4)
+    config = actor_config(clip=0.2)
+    merged, m1 = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", config)
+    split, m2 = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", config, step_ids=torch.tensor([[0, 0, 1, 1]]))
+    assert merged.item() == pytest.approx(-1.0)  # one step, ratio exp(0) = 1
+    assert split.item() == pytest.approx(-(min(math.exp(0.5), 1.2) + math.exp(-0.5)) / 2)
+    assert m1["actor/step_clipfrac"] == 0.0 and m2["actor/step_clipfrac"] == pytest.approx(0.5)
+
+
+def test_registered_under_steppo_and_needs_a_config():
+    assert get_policy_loss_fn("steppo") is compute_policy_loss_steppo
+    mask, old, new, adv = two_rows()
+    with pytest.raises(ValueError, match="actor config"):
+        compute_policy_loss_steppo(old, new, adv, mask)
+
+
+def test_through_verls_ppo_loss_as_the_training_engine_calls_it():
+    """verl's engine calls ppo_loss(config, model_output, data) with unpadded log-probs."""
+    mask, old, new, adv = two_rows()
+    batch, length = mask.shape
+    prompt_len = 3
+    response_lens = torch.tensor([6, 2])  # row 1's response is 2 tokens, then right padding
+    attention = torch.zeros(batch, prompt_len + length, dtype=torch.long)
+    attention[:, :prompt_len] = 1
+    for b in range(batch):
+        attention[b, prompt_len : prompt_len + response_lens[b]] = 1
+    # Flat model output over each sequence (prompt + response): the log-prob of response token t
+    # sits at position prompt_len - 1 + t of its sequence (next-token alignment).
+    chunks = []
+    for b in range(batch):
+        chunk = torch.zeros(prompt_len + int(response_lens[b]))
+        chunk[prompt_len - 1 : prompt_len - 1 + int(response_lens[b])] = new[b, : response_lens[b]]
+        chunks.append(chunk)
+    flat = torch.cat(chunks).requires_grad_(True)
+    data = TensorDict(
+        {
+            "prompts": torch.ones(batch, prompt_len, dtype=torch.long),
+            "responses": torch.ones(batch, length, dtype=torch.long),
+            "attention_mask": attention,
+            "response_mask": mask.long(),
+            "old_log_probs": old,
+            "advantages": adv,
+        },
+        batch_size=[batch],
+    )
+    # What the engine sets for one rank holding the whole mini-batch: 6 action tokens, 2 rows.
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=batch)
+    loss, metrics = ppo_loss(actor_config(), {"log_probs": flat}, data)
+    direct, _ = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", actor_config())
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-6)
+    loss.backward()
+    assert flat.grad.abs().sum() > 0
+    assert "actor/step_clipfrac" in {str(k) for k in metrics}

@@ -1,0 +1,452 @@
+"""Retrieval layer: corpus loading, the BM25 index, the embedded and HTTP backends, and the retrieval server.
+
+Servers only ever listen on 127.0.0.1; every process or thread a test starts is stopped in a fixture's finally.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import bm25s
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from steppo_verl.retrieval import (
+    BM25Index,
+    EmbeddedBM25Backend,
+    Hit,
+    HttpRetrievalBackend,
+    Passage,
+    RetrievalError,
+    TokenizerSettings,
+    load_corpus,
+)
+from steppo_verl.retrieval.server import ServerLimits, free_port, serve_in_background
+
+LOOPBACK = "127.0.0.1"
+
+# Invented passages; several share words ("lighthouse", "engineer", "river", "festival") so ranking matters.
+PARAGRAPHS = [
+    ("Velmora Lighthouse", "The Velmora lighthouse was built by the engineer Odile Franck in 1871 on a northern cape."),
+    ("Odile Franck", "Odile Franck was a civil engineer who designed bridges and a lighthouse on the northern coast."),
+    ("Karsk Bridge", "The Karsk bridge crosses the river Ommel and was designed by Odile Franck."),
+    ("River Ommel", "The Ommel is a slow river that rises in the Tarn hills and reaches the sea at Velmora."),
+    ("Tarn Hills", "The Tarn hills are known for sheep farming, limestone caves and a summer festival."),
+    ("Brisa Festival", "The Brisa festival is held every August in the Tarn hills with lantern parades."),
+    ("Lantern Parade", "Lantern parades began as a harvest custom in which villagers carried paper lanterns."),
+    ("Marguerite Osei", "Marguerite Osei is a composer whose symphony premiered at the Brisa festival."),
+    ("Glass Symphony", "The Glass Symphony by Marguerite Osei uses tuned bottles instead of a string section."),
+    ("Corvane Observatory", "The Corvane observatory houses a refracting telescope completed in 1904."),
+    ("Ilse Varga", "Ilse Varga was an astronomer at the Corvane observatory who catalogued variable stars."),
+    ("Varga Comet", "The Varga comet, found by Ilse Varga, returns to the inner solar system every 61 years."),
+    ("Peltham Railway", "The Peltham railway linked Velmora to the Tarn hills and carried limestone to the port."),
+    ("Velmora Port", "Velmora port exports limestone and wool and hosts a ferry to the island of Quessa."),
+    ("Quessa Island", "Quessa is a windswept island famous for its puffins and a ruined abbey."),
+    ("Quessa Abbey", "The ruined abbey on Quessa was founded by monks who brewed a bitter herbal liqueur."),
+    ("Herbal Liqueur", "The bitter liqueur of Quessa is flavoured with wormwood, juniper and sea fennel."),
+    ("Juniper Distillery", "A juniper distillery in Velmora produces gin from berries picked in the Tarn hills."),
+    ("Tomas Brandt", "Tomas Brandt was a chess champion who learned the game in a Velmora cafe."),
+    ("Brandt Gambit", "The Brandt gambit is a chess opening that sacrifices a knight early for attack."),
+    ("Cafe Noctua", "Cafe Noctua in Velmora is where chess players and railway workers met at night."),
+    ("Ommel Delta Eel", "Eels of the Ommel delta migrate upstream each spring past the Karsk bridge."),
+    ("Sea Fennel", "Sea fennel grows on cliffs and salt marshes and is pickled by coastal cooks."),
+    ("Puffin Colony", "The puffin colony of Quessa counts about nine thousand breeding pairs."),
+    ("Limestone Caves", "The limestone caves of the Tarn hills contain stalactites and prehistoric paintings."),
+    ("Prehistoric Paintings", "Prehistoric paintings in the caves show deer, horses and hunters with spears."),
+    ("Wool Trade", "The wool trade made Velmora merchants wealthy during the eighteenth century."),
+    ("Refracting Telescope", "A refracting telescope uses lenses rather than mirrors to gather light."),
+    ("Variable Stars", "Variable stars change in brightness, and their periods reveal distances."),
+    ("Harvest Custom", "Harvest customs of the region include lantern parades, bread blessing and dancing."),
+]
+
+EXPECTED_TOP_HIT = {
+    "who built the Velmora lighthouse": "p00",
+    "bridge over the river Ommel": "p02",
+    "composer of the Glass Symphony": "p08",
+    "astronomer who found the comet": "p11",
+    "chess opening sacrificing a knight": "p19",
+    "what flavours the liqueur of Quessa": "p16",
+    "puffins breeding pairs": "p23",
+}
+
+
+def _passage_id(position: int) -> str:
+    return f"p{position:02d}"
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory) -> Path:
+    """The corpus in both accepted layouts: even lines use ``contents``, odd lines ``title``/``text``."""
+    lines = []
+    for position, (title, text) in enumerate(PARAGRAPHS):
+        if position % 2 == 0:
+            entry = {"id": _passage_id(position), "contents": f"{title}\n{text}"}
+        else:
+            entry = {"id": _passage_id(position), "title": title, "text": text}
+        lines.append(json.dumps(entry))
+    return _write_jsonl(tmp_path_factory.mktemp("corpus") / "corpus.jsonl", lines)
+
+
+@pytest.fixture(scope="module")
+def index(corpus_path) -> BM25Index:
+    return BM25Index.build(load_corpus(corpus_path), progress=False)
+
+
+def _search_one(index: BM25Index, query: str, topk: int = 5) -> list[Hit]:
+    return index.search([query], topk)[0]
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+@pytest.mark.timeout(30)
+def test_corpus_loads_both_layouts_in_order(corpus_path):
+    passages = load_corpus(corpus_path)
+    assert [p.id for p in passages] == [_passage_id(i) for i in range(len(PARAGRAPHS))]
+    assert passages[1] == Passage(id="p01", contents="Odile Franck\n" + PARAGRAPHS[1][1])
+
+
+@pytest.mark.timeout(30)
+def test_corpus_skips_blank_lines_and_defaults_ids(tmp_path):
+    path = _write_jsonl(tmp_path / "c.jsonl", ['{"contents": "A\\nfirst"}', "", '{"id": 7, "title": "B", "text": "x"}'])
+    assert load_corpus(path) == [Passage(id="0", contents="A\nfirst"), Passage(id="7", contents="B\nx")]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "bad_line, reason",
+    [
+        ('{"id": "x", "contents": ', "invalid JSON"),
+        ('["not", "an", "object"]', "expected a JSON object"),
+        ('{"id": "x", "title": "only a title"}', "needs a 'contents' field"),
+        ('{"id": "x", "contents": 42}', "'contents' must be a string"),
+        ('{"id": ["x"], "contents": "T\\nx"}', "'id' must be"),
+    ],
+)
+def test_malformed_corpus_line_is_named(tmp_path, bad_line, reason):
+    good = json.dumps({"id": "ok", "contents": "T\ntext"})
+    path = _write_jsonl(tmp_path / "bad.jsonl", [good, good, bad_line, good])
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: malformed corpus entry: .*{reason}"):
+        load_corpus(path)
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("query, expected_id", sorted(EXPECTED_TOP_HIT.items()))
+def test_search_ranks_expected_passage_first(index, query, expected_id):
+    hits = _search_one(index, query)
+    assert hits[0].id == expected_id
+    assert hits[0].contents.startswith(PARAGRAPHS[int(expected_id[1:])][0] + "\n")
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+@pytest.mark.timeout(60)
+def test_batched_search_equals_one_query_at_a_time(index):
+    queries = list(EXPECTED_TOP_HIT)
+    assert index.search(queries, 4) == [_search_one(index, q, 4) for q in queries]
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_searches_from_threads_agree_with_sequential_ones(index):
+    queries = list(EXPECTED_TOP_HIT) * 20
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        concurrent = list(pool.map(lambda q: _search_one(index, q), queries))
+    assert concurrent == [_search_one(index, q) for q in queries]
+
+
+@pytest.mark.timeout(60)
+def test_queries_without_searchable_terms_get_no_hits(index):
+    queries = ["", "   ", "the of and is", "zyxxyqq", "Velmora lighthouse"]
+    results = index.search(queries, 3)
+    assert results[:4] == [[], [], [], []]
+    assert results[4][0].id == "p00"
+    assert all(hit.score > 0 for hit in results[4])
+
+
+@pytest.mark.timeout(60)
+def test_topk_larger_than_corpus_is_clamped():
+    tiny = BM25Index.build([Passage(str(i), f"Lake {i}\nA lake with clear water.") for i in range(3)], progress=False)
+    hits = _search_one(tiny, "clear lake water", topk=100)
+    assert sorted(h.id for h in hits) == ["0", "1", "2"]
+
+
+@pytest.mark.timeout(60)
+def test_topk_must_be_positive_and_corpus_nonempty(index):
+    with pytest.raises(ValueError, match="topk"):
+        index.search(["lighthouse"], 0)
+    with pytest.raises(ValueError, match="empty corpus"):
+        BM25Index.build([], progress=False)
+
+
+@pytest.mark.timeout(60)
+def test_save_load_round_trip_is_identical_and_does_not_rebuild(index, tmp_path, monkeypatch):
+    index.save(tmp_path / "index")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loading a saved index must not index the corpus again")
+
+    monkeypatch.setattr(bm25s.BM25, "index", must_not_run)
+    monkeypatch.setattr(BM25Index, "build", must_not_run)
+    loaded = BM25Index.load(tmp_path / "index")
+
+    queries = [*EXPECTED_TOP_HIT, "", "limestone"]
+    assert len(loaded) == len(index)
+    assert loaded.search(queries, 30) == index.search(queries, 30)
+
+
+@pytest.mark.timeout(60)
+def test_tokenizer_settings_survive_save_and_load(tmp_path):
+    passages = [Passage("a", "Runner\nShe was running fast."), Passage("b", "Walker\nHe walks slowly.")]
+    unstemmed = BM25Index.build(passages, TokenizerSettings(stemmer_language=None), progress=False)
+    unstemmed.save(tmp_path)
+    # Without stemming "runs" shares no term with "running"; a loaded index must not start stemming.
+    assert _search_one(BM25Index.load(tmp_path), "runs") == []
+    assert _search_one(BM25Index.build(passages, progress=False), "runs")[0].id == "a"
+
+
+@pytest.mark.timeout(30)
+def test_loading_a_directory_without_an_index_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no saved BM25 index"):
+        BM25Index.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------- embedded backend
+
+
+@pytest.mark.timeout(60)
+def test_embedded_backend_searches_off_the_event_loop_thread(index, monkeypatch):
+    search_threads = []
+    real_search = index.search
+
+    def recording_search(queries, topk):
+        search_threads.append(threading.get_ident())
+        return real_search(queries, topk)
+
+    monkeypatch.setattr(index, "search", recording_search)
+    queries = list(EXPECTED_TOP_HIT)
+    results = asyncio.run(EmbeddedBM25Backend(index).retrieve(queries, 3))
+
+    assert [hits[0].id for hits in results] == list(EXPECTED_TOP_HIT.values())
+    assert search_threads and threading.get_ident() not in search_threads
+
+
+# ------------------------------------------------------------------------------- real server subprocess
+
+SERVER_LIMITS = ServerLimits(topk_max=10, max_queries=4, max_query_chars=100, max_body_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def served_index_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("served") / "index"
+
+
+@pytest.fixture(scope="module")
+def server(corpus_path, served_index_dir):
+    """A server process that builds its index from the corpus on startup."""
+    with serve_in_background(corpus_path, served_index_dir, SERVER_LIMITS, startup_timeout_s=120) as running:
+        yield running
+
+
+@pytest.mark.timeout(120)
+def test_server_answers_like_the_embedded_index(server, index, served_index_dir):
+    queries = list(EXPECTED_TOP_HIT)[:4]
+    remote = asyncio.run(HttpRetrievalBackend(server.url, timeout_s=10).retrieve(queries, 5))
+    assert remote == index.search(queries, 5)
+    assert BM25Index.is_saved(served_index_dir)
+
+
+@pytest.mark.timeout(120)
+def test_server_process_loads_saved_index_and_is_gone_after_stop(server, index, served_index_dir):
+    with serve_in_background(None, served_index_dir, SERVER_LIMITS, startup_timeout_s=120) as second:
+        assert httpx.get(f"{second.url}/health").json() == {"status": "ok", "passages": len(PARAGRAPHS)}
+        remote = asyncio.run(HttpRetrievalBackend(second.url).retrieve(["Glass Symphony"], 2))
+        assert remote == index.search(["Glass Symphony"], 2)
+    assert second.process.poll() is not None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{second.url}/health", timeout=2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"queries": ["lighthouse"] * 5, "topk": 3}, 422, "at most 4 items"),
+        ({"queries": ["x" * 101], "topk": 3}, 422, "at most 100 characters"),
+        ({"queries": ["lighthouse"], "topk": 0}, 422, "greater than or equal to 1"),
+        ({"queries": ["lighthouse"], "topk": 11}, 422, "less than or equal to 10"),
+        ({"queries": ["lighthouse"], "topk": 3, "padding": "y" * 30_000}, 413, "exceeds the limit of 20000 bytes"),
+    ],
+)
+def test_server_refuses_requests_over_its_limits(server, body, status, message):
+    response = httpx.post(f"{server.url}/retrieve", json=body, timeout=10)
+    assert response.status_code == status
+    assert message in response.text
+
+
+@pytest.mark.timeout(60)
+def test_server_refuses_an_undeclared_chunked_body_over_the_limit(server):
+    chunks = (b'{"queries": ["lighthouse"], "padding": "' + b"y" * 5_000 for _ in range(5))
+    response = httpx.post(f"{server.url}/retrieve", content=chunks, timeout=10)
+    assert response.status_code == 413
+    assert "exceeds the limit of 20000 bytes" in response.text
+
+
+@pytest.mark.timeout(60)
+def test_server_without_scores_sends_bare_documents(server, index):
+    response = httpx.post(f"{server.url}/retrieve", json={"queries": ["Quessa abbey monks"]}, timeout=10)
+    entries = response.json()["result"][0]
+    assert len(entries) == SERVER_LIMITS.default_topk
+    assert entries[0] == {"id": "p15", "contents": "Quessa Abbey\n" + PARAGRAPHS[15][1]}
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_reports_rejected_request_without_retry(server):
+    backend = HttpRetrievalBackend(server.url, timeout_s=10, max_retries=3, backoff_s=0.01)
+    with pytest.raises(RetrievalError, match=r"rejected with HTTP 422.*at most 100 characters"):
+        asyncio.run(backend.retrieve(["x" * 101], 3))
+
+
+# -------------------------------------------------------------------- HTTP backend failure handling
+
+SLOW_HANDLER_S = 3.0
+
+
+def _answer(queries: list[str]) -> dict:
+    return {"result": [[{"document": {"id": "e", "contents": f"Echo\n{q}"}, "score": 1.5}] for q in queries]}
+
+
+def _scripted_app(attempts: Counter) -> FastAPI:
+    """A misbehaving retrieval server; ``/{mode}/retrieve`` selects the misbehaviour and counts attempts."""
+    app = FastAPI()
+
+    @app.post("/{mode}/retrieve")
+    async def retrieve(mode: str, request: Request):
+        attempts[mode] += 1
+        queries = (await request.json())["queries"]
+        if mode == "slow":
+            await asyncio.sleep(SLOW_HANDLER_S)
+        if mode == "broken" or (mode == "flaky" and attempts[mode] <= 2):
+            return JSONResponse({"detail": "index shard unavailable"}, status_code=503)
+        if mode == "reject":
+            return JSONResponse({"detail": "unsupported request"}, status_code=400)
+        if mode == "short":
+            return {"result": _answer(queries)["result"][:-1]}
+        if mode == "bare":
+            return {"result": [[{"contents": f"Bare\n{q}"}] for q in queries]}
+        return _answer(queries)
+
+    return app
+
+
+class ScriptedServer:
+    """The scripted app under uvicorn in a thread, on a loopback socket bound before the thread starts."""
+
+    def __init__(self) -> None:
+        self.attempts: Counter = Counter()
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.bind((LOOPBACK, 0))
+        self.url = f"http://{LOOPBACK}:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(_scripted_app(self.attempts), log_level="warning", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def start(self, timeout_s: float = 20) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("scripted server did not start")
+            time.sleep(0.02)
+
+    def stop(self, timeout_s: float = 20) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._socket.close()
+        assert not self._thread.is_alive(), "scripted server thread did not stop"
+
+
+@pytest.fixture(scope="module")
+def scripted_server():
+    server = ScriptedServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def scripted(scripted_server) -> ScriptedServer:
+    scripted_server.attempts.clear()
+    return scripted_server
+
+
+def _retrieve(url: str, queries: list[str], **backend_options) -> list[list[Hit]]:
+    options = {"timeout_s": 5.0, "max_retries": 2, "backoff_s": 0.01, **backend_options}
+    return asyncio.run(HttpRetrievalBackend(url, **options).retrieve(queries, 3))
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_fails_fast_when_nothing_listens():
+    url = f"http://{LOOPBACK}:{free_port(LOOPBACK)}"
+    started = time.monotonic()
+    with pytest.raises(RetrievalError, match=rf"{url}/retrieve failed after 3 attempt\(s\): connection error"):
+        _retrieve(url, ["anything"], timeout_s=1.0, max_retries=2)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_gives_up_on_a_slow_server_after_bounded_attempts(scripted):
+    started = time.monotonic()
+    with pytest.raises(RetrievalError, match=r"/slow/retrieve failed after 2 attempt\(s\): timeout"):
+        _retrieve(f"{scripted.url}/slow", ["q"], timeout_s=0.5, max_retries=1)
+    assert time.monotonic() - started < SLOW_HANDLER_S
+    assert scripted.attempts["slow"] == 2
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_retries_server_errors_then_succeeds(scripted):
+    hits = _retrieve(f"{scripted.url}/flaky", ["first", "second"], max_retries=2)
+    assert hits == [[Hit(contents="Echo\nfirst", score=1.5, id="e")], [Hit(contents="Echo\nsecond", score=1.5, id="e")]]
+    assert scripted.attempts["flaky"] == 3
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_reports_persistent_server_errors(scripted):
+    with pytest.raises(RetrievalError, match=r"failed after 4 attempt\(s\): server error HTTP 503.*shard unavailable"):
+        _retrieve(f"{scripted.url}/broken", ["q"], max_retries=3)
+    assert scripted.attempts["broken"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_does_not_retry_client_errors(scripted):
+    with pytest.raises(RetrievalError, match=r"/reject/retrieve was rejected with HTTP 400.*unsupported request"):
+        _retrieve(f"{scripted.url}/reject", ["q"], max_retries=3)
+    assert scripted.attempts["reject"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_rejects_wrong_number_of_result_lists(scripted):
+    with pytest.raises(RetrievalError, match="malformed answer .* expected 2 result lists, got 1"):
+        _retrieve(f"{scripted.url}/short", ["a", "b"])
+    assert scripted.attempts["short"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_accepts_bare_documents_without_scores(scripted):
+    assert _retrieve(f"{scripted.url}/bare", ["a"]) == [[Hit(contents="Bare\na", score=None, id=None)]]
