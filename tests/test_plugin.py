@@ -27,21 +27,22 @@ CHECK_REGISTRY = """
 import sys
 assert 'steppo_verl' not in sys.modules
 import verl
-from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY
-print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY))
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
+      'steppo' in POLICY_LOSS_REGISTRY)
 """
 
 
 def test_import_verl_alone_registers_our_estimators():
     result = _python(CHECK_REGISTRY)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo']"
+    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True"
 
 
 def test_plugins_can_be_switched_off_with_verls_own_variable():
     result = _python(CHECK_REGISTRY, VERL_USE_EXTERNAL_PLUGINS="none")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert result.stdout.strip().splitlines()[-1] == "[] False"
 
 
 def test_registration_failure_is_loud():
@@ -64,11 +65,13 @@ def test_registration_is_idempotent():
     plugin.ensure_registered()
     importlib.reload(plugin)
     plugin.ensure_registered()
-    from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+    from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
     from steppo_verl.advantage import ESTIMATORS
+    from steppo_verl.loss import LOSSES
 
     assert all(get_adv_estimator_fn(name) is fn for name, fn in ESTIMATORS.items())
+    assert all(get_policy_loss_fn(name) is fn for name, fn in LOSSES.items())
 
 
 def test_ensure_registered_detects_a_hijacked_name(monkeypatch):
