@@ -1,0 +1,127 @@
+"""A tiny Qwen2-architecture model and tokenizer built locally, for CPU runs and tests (no hub).
+
+    python -m steppo_verl.cpu.tiny_model --out /tmp/tiny-qwen2
+
+The tokenizer is a byte-level BPE trained on a few kilobytes of text, with ChatML special tokens
+and a chat template that renders tools, hermes-style ``<tool_call>`` assistant messages and
+``tool`` messages the way Qwen2.5's template does, so verl's hermes tool parser and Continuous
+Token builder for ``qwen2`` accept it. The weights are random; load the directory with
+``AutoTokenizer`` / ``AutoModelForCausalLM`` and ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Hermes tool-call markers are ordinary added tokens in Qwen2.5 (one id each, decoded as text).
+MARKUP_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<answer>", "</answer>"]
+
+CHAT_TEMPLATE = """\
+{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}You are a helpful assistant.{% endif %}
+
+# Tools
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Call a tool with <tool_call>{"name": <name>, "arguments": <json>}</tool_call>.<|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'assistant' %}<|im_start|>assistant
+{{ message.content }}
+{%- for call in message.tool_calls or [] %}
+{%- set arguments = call.function.arguments %}
+<tool_call>{"name": "{{ call.function.name }}", "arguments": \
+{% if arguments is string %}{{ arguments }}{% else %}{{ arguments | tojson }}{% endif %}}</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+_TRAINING_TEXT = """\
+Answer the question. Use the search tool to find passages, then give the answer inside answer tags.
+Question: Which city is the capital of France? Doc 1 (Title: Paris) Paris is the capital of France.
+{"name": "search", "arguments": {"query_list": ["capital of France", "Paris population"]}}
+The Eiffel Tower is in Paris. Were Scott Derrickson and Ed Wood of the same nationality? yes no
+The quick brown fox jumps over the lazy dog. 0123456789 the a an of in on at to for with by from
+system user assistant tool Search failed: timeout. Unknown function. Invalid JSON in arguments.
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML special tokens and a tool-aware chat template."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    wrapped.add_tokens(MARKUP_TOKENS)
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
+    """Write a random Qwen2 model and the tiny tokenizer to ``out_dir``; returns the path."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory to write the model and tokenizer to")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = build_tiny_model(args.out, args.hidden_size, args.layers, args.seed)
+    print(f"wrote a tiny Qwen2 model and tokenizer to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""The step-aware agent loop, run for real on CPU: verl's interfaces, a scripted server standing in
+for vLLM (as verl's own CPU tests do), the tiny local tokenizer and small test tools."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+import pytest
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
+from verl.tools.base_tool import BaseTool
+from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
+from verl.utils.dataset.rl_dataset import RLHFDataset
+from verl.workers.rollout.replica import TokenOutput
+
+from steppo_verl.advantage import compute_steppo_advantage
+from steppo_verl.agent_loop import Ending, StepAgentLoop, state_key
+from steppo_verl.cpu.tiny_model import build_tiny_tokenizer
+from steppo_verl.protocol import locate_steps, validate_step_ids
+
+PROMPT = [{"role": "system", "content": "Answer with search."}, {"role": "user", "content": "Question: capital?"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def trainer_config(response_length=400, max_assistant_turns=5):
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(
+            "ppo_trainer",
+            overrides=[
+                f"actor_rollout_ref.rollout.response_length={response_length}",
+                f"actor_rollout_ref.rollout.multi_turn.max_assistant_turns={max_assistant_turns}",
+                "actor_rollout_ref.rollout.multi_turn.format=hermes",
+                "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=200",
+            ],
+        )
+
+
+class ScriptedServer:
+    """Stands in for verl's LLM server client: returns scripted turns, records what it was sent."""
+
+    def __init__(self, tokenizer, turns, delay_s=0.0):
+        self.tokenizer, self.turns, self.delay_s = tokenizer, list(turns), delay_s
+        self.prompts: list[list[int]] = []
+        self.generated: list[list[int]] = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs) -> TokenOutput:
+        await asyncio.sleep(self.delay_s)
+        self.prompts.append(list(prompt_ids))
+        text = self.turns.pop(0)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not text.endswith("..."):  # "..." marks a turn cut off by the token budget
+            ids.append(self.tokenizer.eos_token_id)
+        self.generated.append(ids)
+        return TokenOutput(token_ids=ids, log_probs=[-0.5] * len(ids), stop_reason="completed")
+
+
+def _schema(name):
+    return OpenAIFunctionToolSchema.model_validate(
+        {
+            "type": "function",
+            "function": {
+                "name": name,
+                "description": f"{name} tool",
+                "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": []},
+            },
+        }
+    )
+
+
+class EchoSearch(BaseTool):
+    """Deterministic stand-in for retrieval with a per-call tool reward."""
+
+    def __init__(self, reward=0.5, delay_s=0.0, fail=False):
+        super().__init__({}, _schema("search"))
+        self.reward, self.delay_s, self.fail = reward, delay_s, fail
+
+    async def execute(self, instance_id, parameters, **kwargs):
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise ConnectionError("retriever is down")
+        return ToolResponse(text=f"Doc 1 (Title: T) result for {parameters.get('query')}"), self.reward, {}
+
+
+def make_loop(tokenizer, server, tools, response_length=400, max_assistant_turns=5, **kwargs):
+    config = trainer_config(response_length, max_assistant_turns)
+    return StepAgentLoop(
+        trainer_config=DictConfigWrap(config),
+        server_manager=server,
+        tokenizer=tokenizer,
+        processor=None,
+        dataset_cls=RLHFDataset,
+        data_config=DictConfigWrap(config.data),
+        hf_model_type="qwen2",
+        tools=ToolListWrap(tools),
+        **kwargs,
+    )
+
+
+def call(query, name="search"):
+    return f'<tool_call>{{"name": "{name}", "arguments": {{"query": "{query}"}}}}</tool_call>'
+
+
+def run(tokenizer, server, tools, **kwargs):
+    """Build the loop inside the event loop (verl binds it to the running loop) and run one episode."""
+
+    async def episode():
+        loop = make_loop(tokenizer, server, tools, **kwargs)
+        return await loop.run({"temperature": 1.0}, raw_prompt=PROMPT)
+
+    return asyncio.run(episode())
+
+
+def expected_layout(server, output):
+    """step_ids from what the server generated and what came back as observations in between."""
+    ids = []
+    for k, generated in enumerate(server.generated):
+        ids += [k] * len(generated)
+        if k + 1 < len(server.prompts):  # observation tokens = growth of the prompt beyond the step
+            growth = len(server.prompts[k + 1]) - len(server.prompts[k]) - len(generated)
+            ids += [-1] * growth
+    ids += [-1] * (len(output.response_ids) - len(ids))
+    return ids[: len(output.response_ids)]
+
+
+def observations(tokenizer, output):
+    mask = torch.tensor(output.response_mask)
+    return tokenizer.decode([t for t, m in zip(output.response_ids, mask.tolist()) if m == 0])
+
+
+def assert_consistent(output):
+    step_ids = torch.tensor([output.step_ids])
+    validate_step_ids(step_ids, torch.tensor([output.response_mask]))
+    assert len(output.step_ids) == len(output.response_ids) == len(output.env_rewards) == len(output.step_keys)
+
+
+def test_several_tool_steps_then_an_answer(tokenizer):
+    server = ScriptedServer(tokenizer, ["Let me search." + call("capital"), call("France"), "<answer>Paris</answer>"])
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)])
+    assert_consistent(output)
+    assert output.step_ids == expected_layout(server, output)
+    assert max(output.step_ids) == 2 and output.extra_fields["num_steps"] == 3
+    assert not output.truncated and output.bootstrap_index == -1 and output.extra_fields["ending"] == "answer"
+    # Token-in/token-out: every request extends the previous one by exactly the generated tokens.
+    for k in range(1, len(server.prompts)):
+        previous = server.prompts[k - 1] + server.generated[k - 1]
+        assert server.prompts[k][: len(previous)] == previous
+    # Tool rewards sit on the last token of the step whose call earned them.
+    steps = locate_steps(torch.tensor([output.response_mask]), torch.tensor([output.step_ids]))
+    last = (steps.next_starts()[0] - 1).tolist()
+    rewards = torch.tensor(output.env_rewards)
+    assert rewards.sum().item() == pytest.approx(1.0)
+    assert rewards[last[0]] == 0, "the token before step 1 is an observation token"
+    assert rewards[steps.starts[0, 0] + len(server.generated[0]) - 1] == 0.5
+    # Step keys: step 0 from the prompt, later steps from their observation, constant over a step.
+    keys = torch.tensor(output.step_keys)
+    assert keys[steps.starts[0, 0]].item() == state_key(server.prompts[0])
+    assert len({keys[s].item() for s in steps.starts[0].tolist()}) == 3
+    assert "result for capital" in observations(tokenizer, output)
+
+
+def test_step_rewards_through_the_estimator(tokenizer):
+    server = ScriptedServer(tokenizer, [call("a"), "<answer>x</answer>"])
+    output = run(tokenizer, server, [EchoSearch(reward=0.25)])
+    fields = output.as_dict()
+    assert fields["step_ids"].dtype == torch.int64 and fields["env_rewards"].dtype == torch.float32
+    rewards = (fields["env_rewards"] + torch.nn.functional.one_hot(
+        torch.tensor(len(output.response_ids) - 1), len(output.response_ids)))[None]  # + outcome 1.0
+    adv, ret = compute_steppo_advantage(
+        rewards, torch.zeros_like(rewards), fields["response_mask"][None], fields["step_ids"][None], whiten=False
+    )
+    step_returns = ret[0][fields["step_ids"] >= 0].unique().tolist()
+    assert sorted(step_returns) == pytest.approx([1.0, 1.25])  # step 0: 0.25 + 1.0, step 1: 1.0
+
+
+def test_malformed_tool_call_gets_an_explanation_and_the_episode_goes_on(tokenizer):
+    server = ScriptedServer(tokenizer, ["<tool_call>{not json}</tool_call>", "<answer>x</answer>"])
+    output = run(tokenizer, server, [EchoSearch()])
+    assert_consistent(output)
+    assert output.step_ids == expected_layout(server, output)
+    assert max(output.step_ids) == 1 and not output.truncated
+    assert "could not be parsed" in observations(tokenizer, output)
+    assert output.env_rewards == [0.0] * len(output.response_ids)
+
+
+def test_unknown_tool_is_reported_to_the_model(tokenizer):
+    server = ScriptedServer(tokenizer, [call("1+1", name="calculator"), "<answer>2</answer>"])
+    output = run(tokenizer, server, [EchoSearch()])
+    assert_consistent(output)
+    assert output.step_ids == expected_layout(server, output)
+    assert "Unknown function 'calculator'" in observations(tokenizer, output)
+    assert output.extra_fields["ending"] == "answer"
+
+
+def test_retriever_that_times_out_becomes_an_observation(tokenizer):
+    server = ScriptedServer(tokenizer, [call("slow"), "<answer>x</answer>"])
+    started = time.monotonic()
+    output = run(tokenizer, server, [EchoSearch(delay_s=5.0)], tool_timeout_s=0.2)
+    assert time.monotonic() - started < 3.0
+    assert_consistent(output)
+    assert output.step_ids == expected_layout(server, output)
+    assert "timed out after 0.2 s" in observations(tokenizer, output)
+    assert not output.truncated
+
+
+def test_retriever_that_is_down_becomes_an_observation(tokenizer):
+    server = ScriptedServer(tokenizer, [call("x"), "<answer>x</answer>"])
+    output = run(tokenizer, server, [EchoSearch(fail=True)])
+    assert_consistent(output)
+    assert "retriever is down" in observations(tokenizer, output)
+
+
+def test_turn_limit_truncates_and_leaves_a_bootstrap_position(tokenizer):
+    server = ScriptedServer(tokenizer, [call("a"), call("b"), "<answer>never</answer>"])
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2)
+    assert_consistent(output)
+    assert len(server.generated) == 2
+    assert output.truncated and output.extra_fields["ending"] == Ending.TURN_LIMIT.value
+    assert max(output.step_ids) == 1
+    # The last step's call was still answered, then one non-action token marks s_K for the critic.
+    assert "result for b" in observations(tokenizer, output)
+    assert output.bootstrap_index == len(output.response_ids) - 1
+    assert output.response_mask[output.bootstrap_index] == 0 and output.step_ids[-1] == -1
+    assert output.response_ids[output.bootstrap_index] == tokenizer.pad_token_id
+    assert sum(output.env_rewards) == pytest.approx(1.0)
+
+
+def test_response_length_limit_cutting_a_step(tokenizer):
+    long_turn = "word " * 200 + "..."
+    server = ScriptedServer(tokenizer, [call("a"), long_turn])
+    output = run(tokenizer, server, [EchoSearch()], response_length=120)
+    assert_consistent(output)
+    assert len(output.response_ids) == 120
+    assert output.truncated and output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value
+    assert output.bootstrap_index == -1
+    assert output.step_ids == expected_layout(server, output)
+    assert output.step_ids[-1] == 1, "the cut step runs to the end of the budget"
+
+
+def test_wall_clock_timeout_truncates(tokenizer):
+    server = ScriptedServer(tokenizer, [call("a"), call("b"), "<answer>x</answer>"], delay_s=0.3)
+    output = run(tokenizer, server, [EchoSearch()], max_episode_seconds=0.2)
+    assert_consistent(output)
+    assert len(server.generated) == 1
+    assert output.truncated and output.extra_fields["ending"] == Ending.TIMEOUT.value
+    assert output.bootstrap_index == len(output.response_ids) - 1
+
+
+def test_loop_is_registered_with_verl_and_configurable_by_yaml():
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+    from omegaconf import OmegaConf
+
+    assert _agent_loop_registry["steppo_agent"]["_target_"] == "steppo_verl.agent_loop.StepAgentLoop"
+    from importlib.resources import files
+
+    entries = OmegaConf.load(files("steppo_verl") / "config" / "agent_loop.yaml")
+    entry = next(e for e in entries if e.name == "steppo_agent")
+    assert entry._target_ == "steppo_verl.agent_loop.StepAgentLoop"
+    assert json.loads(json.dumps(OmegaConf.to_container(entry)))["tool_timeout_s"] > 0
