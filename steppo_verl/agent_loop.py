@@ -47,7 +47,7 @@ from verl.tools.schemas import ToolResponse
 
 from steppo_verl.protocol import locate_steps, scatter_to_tokens, step_sums
 
-__all__ = ["Ending", "StepAgentLoop", "StepAgentLoopOutput", "state_key"]
+__all__ = ["AGENT_LOOPS", "Ending", "StepAgentLoop", "StepAgentLoopOutput", "state_key"]
 
 # A tool-call name no real tool can have: marks a call the parser could not decode.
 _MALFORMED_CALL = "<malformed tool call>"
@@ -250,6 +250,10 @@ class StepAgentLoop(ToolAgentLoop):
             }
         )
         return output
+
+
+# What this module registers with verl; the plugin checks each entry after import.
+AGENT_LOOPS = {"steppo_agent": StepAgentLoop}
 
 
 def _step_tensors(response_mask: list[int], steps: list[_Step]) -> tuple[list[int], list[float], list[int]]:

@@ -20,21 +20,28 @@ def ensure_registered() -> None:
     Raises:
         RuntimeError: a name resolves to another implementation (e.g. a conflicting plugin).
     """
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
 
     from steppo_verl.advantage import ESTIMATORS
+    from steppo_verl.agent_loop import AGENT_LOOPS
     from steppo_verl.loss import LOSSES
 
-    for kind, lookup, ours in (
-        ("advantage estimator", get_adv_estimator_fn, ESTIMATORS),
-        ("policy loss", get_policy_loss_fn, LOSSES),
-    ):
-        for name, fn in ours.items():
-            if lookup(name) is not fn:
-                raise RuntimeError(
-                    f"verl's {kind} '{name}' resolves to {lookup(name)!r}, not steppo_verl's "
-                    f"{fn.__qualname__}; another plugin registered the same name"
-                )
+    def agent_loop_target(name: str) -> str:
+        return _agent_loop_registry.get(name, {}).get("_target_", "<not registered>")
+
+    checks = [("advantage estimator", name, get_adv_estimator_fn(name), fn) for name, fn in ESTIMATORS.items()]
+    checks += [("policy loss", name, get_policy_loss_fn(name), fn) for name, fn in LOSSES.items()]
+    checks += [
+        ("agent loop", name, agent_loop_target(name), f"{cls.__module__}.{cls.__qualname__}")
+        for name, cls in AGENT_LOOPS.items()
+    ]
+    for kind, name, found, ours in checks:
+        if found != ours:
+            raise RuntimeError(
+                f"verl's {kind} '{name}' resolves to {found!r}, not steppo_verl's {ours!r}; "
+                "another plugin registered the same name"
+            )
 
 
 try:

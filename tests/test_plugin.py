@@ -28,21 +28,22 @@ import sys
 assert 'steppo_verl' not in sys.modules
 import verl
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
-      'steppo' in POLICY_LOSS_REGISTRY)
+      'steppo' in POLICY_LOSS_REGISTRY, 'steppo_agent' in _agent_loop_registry)
 """
 
 
 def test_import_verl_alone_registers_our_estimators():
     result = _python(CHECK_REGISTRY)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True"
+    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True True"
 
 
 def test_plugins_can_be_switched_off_with_verls_own_variable():
     result = _python(CHECK_REGISTRY, VERL_USE_EXTERNAL_PLUGINS="none")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[] False"
+    assert result.stdout.strip().splitlines()[-1] == "[] False False"
 
 
 def test_registration_failure_is_loud():
@@ -80,7 +81,17 @@ def test_ensure_registered_detects_a_hijacked_name(monkeypatch):
     import steppo_verl.plugin as plugin
 
     monkeypatch.setitem(core_algos.ADV_ESTIMATOR_REGISTRY, "gigpo", lambda **kw: None)
-    with pytest.raises(RuntimeError, match="another plugin registered the same name"):
+    with pytest.raises(RuntimeError, match="advantage estimator 'gigpo'.*another plugin registered the same name"):
+        plugin.ensure_registered()
+
+
+def test_ensure_registered_detects_a_hijacked_agent_loop(monkeypatch):
+    from verl.experimental.agent_loop import agent_loop
+
+    import steppo_verl.plugin as plugin
+
+    monkeypatch.setitem(agent_loop._agent_loop_registry, "steppo_agent", {"_target_": "elsewhere.Loop"})
+    with pytest.raises(RuntimeError, match="agent loop 'steppo_agent' resolves to 'elsewhere.Loop'"):
         plugin.ensure_registered()
 
 
