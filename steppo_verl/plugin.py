@@ -1,8 +1,11 @@
 """verl plugin entry point (setuptools group ``verl.plugins``).
 
 verl imports this module in every process that imports verl (driver and Ray workers alike).
-Importing it registers StepPO's components in verl's own registries; nothing in verl is patched.
-verl logs a failing plugin only at DEBUG level, so a failure here is logged at ERROR and re-raised.
+Importing it registers StepPO's components in verl's own registries: the advantage estimators,
+the ``steppo`` policy loss, the ``steppo_agent`` agent loop and the ``steppo`` trainer. One verl
+function is wrapped, in one place, because no registry reaches it: see
+:func:`steppo_verl.trainer.install_compute_advantage_hook`. verl logs a failing plugin only at
+DEBUG level, so a failure here is logged at ERROR and re-raised.
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ def ensure_registered() -> None:
     """
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn, get_policy_loss_fn
+    from verl.trainer.ppo.v1.trainer_base import get_trainer_cls
 
     from steppo_verl.advantage import ESTIMATORS
     from steppo_verl.agent_loop import AGENT_LOOPS
     from steppo_verl.loss import LOSSES
+    from steppo_verl.trainer import StepPOTrainer, install_compute_advantage_hook
+
+    install_compute_advantage_hook()
 
     def agent_loop_target(name: str) -> str:
         return _agent_loop_registry.get(name, {}).get("_target_", "<not registered>")
@@ -36,6 +43,7 @@ def ensure_registered() -> None:
         ("agent loop", name, agent_loop_target(name), f"{cls.__module__}.{cls.__qualname__}")
         for name, cls in AGENT_LOOPS.items()
     ]
+    checks.append(("trainer", "steppo", get_trainer_cls("steppo"), StepPOTrainer))
     for kind, name, found, ours in checks:
         if found != ours:
             raise RuntimeError(

@@ -252,6 +252,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-query-chars", type=int, default=defaults.max_query_chars)
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--default-topk", type=int, default=defaults.default_topk)
+    parser.add_argument("--build-only", action="store_true", help="build (or check) the index, then exit")
     return parser.parse_args(argv)
 
 
@@ -265,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         default_topk=args.default_topk,
     )
     index = load_or_build_index(args.index, args.corpus)
+    if args.build_only:
+        print(f"index ready in {args.index}: {len(index)} passages")
+        return
     uvicorn.run(create_app(index, limits), host=args.host, port=args.port, log_level="info", access_log=False)
 
 

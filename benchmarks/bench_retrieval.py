@@ -1,0 +1,288 @@
+"""BM25 retrieval speed: our index in-process and behind the HTTP server, against a naive baseline, same run.
+
+    python benchmarks/bench_retrieval.py                      # 500,000 synthetic paragraphs
+    python benchmarks/bench_retrieval.py --paragraphs 20000   # quick run
+
+The corpus is synthetic and fixed by ``--seed``: paragraphs of 60-120 words drawn from a Zipf-like vocabulary,
+queries of 3-8 words drawn from random paragraphs. The index is built once and cached under
+``benchmarks/results/`` (keyed by corpus size, seed and vocabulary); later runs load it.
+
+Measured: single-query latency (p50/p99), batched throughput, the same queries sent to a server process on
+loopback by concurrent clients (through one pooled ``httpx.AsyncClient``: the server's capacity; and through
+:class:`HttpRetrievalBackend`: what the search tool sees), and single-query latency of ``rank_bm25`` (pure
+Python + numpy) against our index on the same subset of the corpus. Figures are written to
+``benchmarks/results/retrieval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import bm25s
+import httpx
+import numpy as np
+
+from steppo_verl.retrieval import BM25Index, HttpRetrievalBackend, Passage
+from steppo_verl.retrieval.server import serve_in_background
+
+RESULTS_DIR = Path(__file__).parent / "results"
+TOPK = 5
+# Part of the cache key: changing how the corpus is generated must not reuse an index of the old corpus.
+CORPUS_GENERATOR_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------- corpus
+
+
+def make_vocabulary(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``size`` distinct pseudo-words of 3-10 letters, as an object array so they can be joined directly."""
+    words: set[str] = set()
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    while len(words) < size:
+        length = int(rng.integers(3, 11))
+        words.add("".join(rng.choice(letters, length)))
+    return np.array(sorted(words), dtype=object)
+
+
+def make_corpus(num_paragraphs: int, vocabulary_size: int, seed: int) -> list[Passage]:
+    """Paragraphs of 60-120 words; word ranks follow Zipf's law (frequency ~ 1/rank), like natural text."""
+    rng = np.random.default_rng(seed)
+    vocabulary = make_vocabulary(rng, vocabulary_size)
+    frequency = 1.0 / np.arange(1, vocabulary_size + 1)
+    rng.shuffle(vocabulary)  # so that rank is unrelated to word length or spelling
+    lengths = rng.integers(60, 121, num_paragraphs)
+    words = vocabulary[rng.choice(vocabulary_size, int(lengths.sum()), p=frequency / frequency.sum())]
+    ends = np.cumsum(lengths)
+    return [
+        Passage(id=str(i), contents=f"Paragraph {i}\n" + " ".join(words[end - length : end]))
+        for i, (end, length) in enumerate(zip(ends.tolist(), lengths.tolist()))
+    ]
+
+
+def make_queries(passages: list[Passage], count: int, seed: int) -> list[str]:
+    """Queries of 3-8 distinct words taken from random paragraphs, so every query has matches."""
+    rng = np.random.default_rng(seed + 1)
+    queries = []
+    for position in rng.integers(0, len(passages), count).tolist():
+        words = passages[position].contents.partition("\n")[2].split()
+        chosen = rng.choice(len(words), int(rng.integers(3, 9)), replace=False)
+        queries.append(" ".join(words[i] for i in chosen))
+    return queries
+
+
+def cached_index(passages: list[Passage], cache_dir: Path) -> tuple[BM25Index, dict[str, Any]]:
+    """The index of ``passages``, loaded from ``cache_dir`` or built and saved there; with its timings."""
+    if BM25Index.is_saved(cache_dir):
+        started = time.perf_counter()
+        index = BM25Index.load(cache_dir)
+        return index, {"cached": True, "load_s": time.perf_counter() - started}
+    started = time.perf_counter()
+    index = BM25Index.build(passages, progress=True)
+    build_s = time.perf_counter() - started
+    index.save(cache_dir)
+    return index, {"cached": False, "build_s": build_s, "save_s": time.perf_counter() - started - build_s}
+
+
+# ----------------------------------------------------------------------------------------- measurements
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    milliseconds = np.array(seconds) * 1000
+    return {
+        "count": len(seconds),
+        "p50_ms": float(np.percentile(milliseconds, 50)),
+        "p99_ms": float(np.percentile(milliseconds, 99)),
+        "mean_ms": float(milliseconds.mean()),
+    }
+
+
+def time_each(search_one: Callable[[str], Any], queries: list[str], warmup: int = 10) -> dict[str, float]:
+    """Latency of answering the queries one at a time."""
+    for query in queries[:warmup]:
+        search_one(query)
+    seconds = []
+    for query in queries:
+        started = time.perf_counter()
+        search_one(query)
+        seconds.append(time.perf_counter() - started)
+    return latency_summary(seconds)
+
+
+def batched_throughput(index: BM25Index, queries: list[str], batch_size: int, min_queries: int) -> dict[str, float]:
+    """Queries per second when searched ``batch_size`` at a time (queries are cycled to fill the batches)."""
+    num_batches = max(1, -(-min_queries // batch_size))
+    cycled = [queries[i % len(queries)] for i in range(num_batches * batch_size)]
+    batches = [cycled[i : i + batch_size] for i in range(0, len(cycled), batch_size)]
+    index.search(batches[0], TOPK)  # warm-up
+    started = time.perf_counter()
+    for batch in batches:
+        index.search(batch, TOPK)
+    elapsed = time.perf_counter() - started
+    return {"batch_size": batch_size, "queries": len(cycled), "queries_per_s": len(cycled) / elapsed}
+
+
+async def http_load(
+    send: Callable[[str], Awaitable[Any]], queries: list[str], concurrency: int, requests: int
+) -> dict[str, float]:
+    """``concurrency`` clients each sending one-query requests through ``send`` until ``requests`` are answered."""
+    pending = iter(range(requests))
+    seconds: list[float] = []
+
+    async def client() -> None:
+        # Each client takes the next request number until none is left; no locking needed on one event loop.
+        for number in pending:
+            started = time.perf_counter()
+            await send(queries[number % len(queries)])
+            seconds.append(time.perf_counter() - started)
+
+    await send(queries[0])  # warm-up
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"concurrency": concurrency, **latency_summary(seconds), "requests_per_s": requests / elapsed}
+
+
+async def pooled_client_load(url: str, queries: list[str], concurrency: int, requests: int) -> dict[str, float]:
+    """The server's own capacity: one shared, connection-pooled httpx.AsyncClient."""
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
+
+        async def send(query: str) -> None:
+            response = await client.post("/retrieve", json={"queries": [query], "topk": TOPK, "return_scores": True})
+            response.raise_for_status()
+
+        return await http_load(send, queries, concurrency, requests)
+
+
+async def tool_client_load(url: str, queries: list[str], concurrency: int, requests: int) -> dict[str, float]:
+    """What the search tool sees: HttpRetrievalBackend, the client its http backend uses."""
+    backend = HttpRetrievalBackend(url, timeout_s=60.0, max_retries=0)
+    return await http_load(lambda query: backend.retrieve([query], TOPK), queries, concurrency, requests)
+
+
+def naive_baseline(passages: list[Passage], queries: list[str]) -> dict[str, Any] | None:
+    """rank_bm25's BM25Okapi (a Python loop over documents per query term), or None if it is not installed."""
+    try:
+        from rank_bm25 import BM25Okapi
+    except ImportError:
+        return None
+    started = time.perf_counter()
+    # Same tokenization as our index, so both rank the same terms.
+    tokenized = bm25s.tokenize([p.contents for p in passages], stopwords="en", return_ids=False, show_progress=False)
+    baseline = BM25Okapi(tokenized)
+    build_s = time.perf_counter() - started
+    query_terms = dict(zip(queries, bm25s.tokenize(queries, stopwords="en", return_ids=False, show_progress=False)))
+
+    def search_one(query: str) -> np.ndarray:
+        scores = baseline.get_scores(query_terms[query])
+        return np.argpartition(-scores, TOPK)[:TOPK]
+
+    return {"build_s": build_s, **time_each(search_one, queries, warmup=2)}
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paragraphs", type=int, default=500_000, help="corpus size")
+    parser.add_argument("--vocabulary", type=int, default=50_000, help="distinct words in the corpus")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--queries", type=int, default=500, help="single-query latency sample")
+    parser.add_argument("--batched-queries", type=int, default=2048, help="queries per batched measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="HTTP client counts")
+    parser.add_argument("--http-requests", type=int, default=1000, help="requests per pooled-client measurement")
+    parser.add_argument("--tool-client-requests", type=int, default=200, help="requests per tool-client measurement")
+    parser.add_argument("--baseline-paragraphs", type=int, default=20_000, help="corpus subset for rank_bm25")
+    parser.add_argument("--baseline-queries", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "retrieval.json")
+    return parser.parse_args()
+
+
+def print_latency(label: str, summary: dict[str, float]) -> None:
+    print(f"{label:52s} p50 {summary['p50_ms']:8.2f} ms   p99 {summary['p99_ms']:8.2f} ms")
+
+
+def compare_on_subset(passages: list[Passage], args: argparse.Namespace) -> dict[str, Any]:
+    """Our index and rank_bm25 on the same first ``--baseline-paragraphs`` paragraphs and the same queries."""
+    subset = passages[: args.baseline_paragraphs]
+    queries = make_queries(subset, args.baseline_queries, args.seed)
+    baseline = naive_baseline(subset, queries)
+    if baseline is None:
+        print("rank_bm25 is not installed (pip install rank_bm25): baseline skipped")
+        return {"paragraphs": len(subset), "baseline": None}
+    index = BM25Index.build(subset, progress=False)
+    ours = time_each(lambda q: index.search([q], TOPK), queries)
+    speedup = baseline["p50_ms"] / ours["p50_ms"]
+    print_latency(f"rank_bm25, {len(subset):,} paragraphs, single query", baseline)
+    print_latency(f"ours, same {len(subset):,} paragraphs, single query", ours)
+    print(f"{'p50 speed-up of ours over rank_bm25 on the subset':52s} {speedup:8.1f}x")
+    return {"paragraphs": len(subset), "baseline": baseline, "ours": ours, "p50_speedup": speedup}
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.perf_counter()
+    passages = make_corpus(args.paragraphs, args.vocabulary, args.seed)
+    generate_s = time.perf_counter() - started
+    cache_dir = RESULTS_DIR / f"bm25_cache_v{CORPUS_GENERATOR_VERSION}_{args.paragraphs}_{args.vocabulary}_{args.seed}"
+    index, index_timing = cached_index(passages, cache_dir)
+    queries = make_queries(passages, args.queries, args.seed)
+    print(f"{len(passages):,} paragraphs generated in {generate_s:.1f}s; index {index_timing}")
+
+    single = time_each(lambda q: index.search([q], TOPK), queries)
+    print_latency(f"ours, {len(passages):,} paragraphs, single query", single)
+    batched = [batched_throughput(index, queries, size, args.batched_queries) for size in (64, 256)]
+    for row in batched:
+        print(f"{'ours, batches of ' + str(row['batch_size']):52s} {row['queries_per_s']:8.0f} queries/s")
+    print(f"{'ours, one query at a time':52s} {1000 / single['mean_ms']:8.0f} queries/s")
+
+    # The server loads the cached index in its own process; ours is dropped first to halve peak memory.
+    del index
+    http = []
+    with serve_in_background(None, cache_dir, startup_timeout_s=900) as server:
+        for label, load, requests in [
+            ("pooled httpx client", pooled_client_load, args.http_requests),
+            ("tool client (HttpRetrievalBackend)", tool_client_load, args.tool_client_requests),
+        ]:
+            for concurrency in args.concurrency:
+                row = {"client": label, **asyncio.run(load(server.url, queries, concurrency, requests))}
+                print_latency(f"HTTP, {label}, {concurrency} clients", row)
+                print(f"{'':52s} {row['requests_per_s']:8.0f} requests/s")
+                http.append(row)
+
+    subset = compare_on_subset(passages, args)
+    report = {
+        "paragraphs": len(passages),
+        "vocabulary": args.vocabulary,
+        "seed": args.seed,
+        "topk": TOPK,
+        "generate_s": generate_s,
+        "index": index_timing,
+        "single_query": single,
+        "batched": batched,
+        "http": http,
+        "subset_comparison": subset,
+        "target_p50_ms": 5.0,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "versions": {"bm25s": bm25s.__version__, "numpy": np.__version__},
+        "median_query_words": statistics.median(len(q.split()) for q in queries),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

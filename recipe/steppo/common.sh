@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Shared by the recipe scripts: locate or prepare the data, set up the retriever, assemble the
+# command and launch `python -m steppo_verl.main`. Configuration only; the method lives in
+# steppo_verl and its hydra config (steppo_verl/config/steppo_trainer.yaml).
+#
+# Environment (defaults in brackets):
+#   MODEL_PATH           actor model, local path or hub name [Qwen/Qwen2.5-7B-Instruct]
+#   CRITIC_MODEL_PATH    critic model [MODEL_PATH]
+#   DATA_DIR             prepared data: train.parquet, validation.parquet, corpus.jsonl [~/data/steppo/hotpotqa]
+#   HOTPOTQA_TRAIN_JSON, HOTPOTQA_DEV_JSON
+#                        official HotpotQA files, used to prepare DATA_DIR when it is empty
+#   RETRIEVER_URL        a Search-R1-compatible retrieval server; unset = embedded BM25 index
+#   INDEX_DIR            embedded BM25 index, built from DATA_DIR/corpus.jsonl if absent [DATA_DIR/bm25_index]
+#   N_GPUS, NNODES       GPUs per node, nodes [8, 1]
+#   PROJECT_NAME, EXPERIMENT_NAME, LOGGER   tracking [steppo, <script name>, [console]]
+#   PYTHON               interpreter [python3]
+#   DRY_RUN=1            print the final command (and the preparation it would do) without running
+# Extra arguments are passed to hydra as overrides, after the script's own.
+set -euo pipefail
+
+: "${MODEL_PATH:=Qwen/Qwen2.5-7B-Instruct}"
+: "${CRITIC_MODEL_PATH:=$MODEL_PATH}"
+: "${DATA_DIR:=$HOME/data/steppo/hotpotqa}"
+: "${HOTPOTQA_TRAIN_JSON:=}"
+: "${HOTPOTQA_DEV_JSON:=}"
+: "${RETRIEVER_URL:=}"
+: "${INDEX_DIR:=$DATA_DIR/bm25_index}"
+: "${N_GPUS:=8}"
+: "${NNODES:=1}"
+: "${PROJECT_NAME:=steppo}"
+: "${EXPERIMENT_NAME:=$(basename "$0" .sh)}"
+: "${LOGGER:=[console]}"
+: "${PYTHON:=python3}"
+: "${DRY_RUN:=0}"
+
+die() { echo "error: $*" >&2; exit 1; }
+
+# Run a preparation command, or only show it in a dry run.
+step() {
+  if [ "$DRY_RUN" = 1 ]; then printf '[dry run] would run:'; printf ' %q' "$@"; echo; else "$@"; fi
+}
+
+check_python() {
+  "$PYTHON" -c "import steppo_verl" 2>/dev/null \
+    || die "$PYTHON cannot import steppo_verl: install it into your verl environment (pip install -e .)"
+}
+
+prepare_data() {
+  if [ -f "$DATA_DIR/train.parquet" ] && [ -f "$DATA_DIR/validation.parquet" ]; then return; fi
+  if [ -z "$HOTPOTQA_TRAIN_JSON" ] || [ -z "$HOTPOTQA_DEV_JSON" ]; then
+    local missing="no train.parquet/validation.parquet in DATA_DIR=$DATA_DIR; set DATA_DIR to prepared data, or \
+HOTPOTQA_TRAIN_JSON and HOTPOTQA_DEV_JSON to the official HotpotQA files (hotpot_train_v1.1.json, \
+hotpot_dev_distractor_v1.json) to prepare it"
+    [ "$DRY_RUN" = 1 ] && { echo "[dry run] $missing" >&2; return; }
+    die "$missing"
+  fi
+  for f in "$HOTPOTQA_TRAIN_JSON" "$HOTPOTQA_DEV_JSON"; do [ -f "$f" ] || die "HotpotQA file not found: $f"; done
+  step "$PYTHON" -m steppo_verl.data.prepare --dataset hotpotqa --out-dir "$DATA_DIR" \
+    --input "train=$HOTPOTQA_TRAIN_JSON" --input "validation=$HOTPOTQA_DEV_JSON"
+}
+
+# Sets RETRIEVER_ENV: the tool config reads these variables in the agent-loop workers.
+setup_retriever() {
+  if [ -n "$RETRIEVER_URL" ]; then
+    RETRIEVER_ENV=(STEPPO_SEARCH_BACKEND=http "STEPPO_RETRIEVER_URL=$RETRIEVER_URL")
+    return
+  fi
+  INDEX_DIR=$(cd "$(dirname "$INDEX_DIR")" 2>/dev/null && pwd)/$(basename "$INDEX_DIR") \
+    || die "the parent directory of INDEX_DIR=$INDEX_DIR does not exist"
+  if [ ! -f "$INDEX_DIR/steppo_index.json" ]; then
+    [ -f "$DATA_DIR/corpus.jsonl" ] || [ "$DRY_RUN" = 1 ] \
+      || die "no BM25 index in INDEX_DIR=$INDEX_DIR and no $DATA_DIR/corpus.jsonl to build it from"
+    step "$PYTHON" -m steppo_verl.retrieval.server --corpus "$DATA_DIR/corpus.jsonl" --index "$INDEX_DIR" --build-only
+  fi
+  RETRIEVER_ENV=(STEPPO_SEARCH_BACKEND=embedded "STEPPO_INDEX_DIR=$INDEX_DIR")
+}
+
+# The settings every HotpotQA script shares; sources: [verl] defaults, [paper] StepPO's HotpotQA
+# setting, [s-r1] Search-R1. Algorithm-specific choices come from each script.
+common_overrides() {
+  local tool_config
+  tool_config=$("$PYTHON" -c "from importlib.resources import files; print(files('steppo_verl') / 'config' / 'search_tool.yaml')")
+  COMMON_OVERRIDES=(
+    "data.train_files=$DATA_DIR/train.parquet"
+    "data.val_files=$DATA_DIR/validation.parquet"
+    data.max_prompt_length=2048                 # question + tool instructions
+    data.truncation=error
+    actor_rollout_ref.rollout.response_length=8192  # all steps and observations: ~10k context [paper]
+    actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4096
+    "actor_rollout_ref.rollout.multi_turn.tool_config_path=$tool_config"
+    "actor_rollout_ref.model.path=$MODEL_PATH"
+    actor_rollout_ref.model.enable_gradient_checkpointing=true
+    actor_rollout_ref.actor.ppo_epochs=1        # [paper]
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2
+    actor_rollout_ref.rollout.name=vllm
+    actor_rollout_ref.rollout.tensor_model_parallel_size=2
+    actor_rollout_ref.rollout.gpu_memory_utilization=0.6
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4
+    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4
+    "critic.model.path=$CRITIC_MODEL_PATH"
+    critic.ppo_micro_batch_size_per_gpu=2
+    trainer.total_epochs=5                      # [paper]
+    trainer.test_freq=10                        # [paper]
+    trainer.val_before_train=true               # [paper]
+    trainer.save_freq=50
+    "trainer.n_gpus_per_node=$N_GPUS"
+    "trainer.nnodes=$NNODES"
+    "trainer.project_name=$PROJECT_NAME"
+    "trainer.experiment_name=$EXPERIMENT_NAME"
+    "trainer.logger=$LOGGER"
+  )
+  local kv
+  for kv in "${RETRIEVER_ENV[@]}"; do
+    COMMON_OVERRIDES+=("+ray_kwargs.ray_init.runtime_env.env_vars.${kv%%=*}=${kv#*=}")
+  done
+}
+
+# launch ALGORITHM_OVERRIDES... -- USER_OVERRIDES...
+launch() {
+  check_python
+  prepare_data
+  setup_retriever
+  common_overrides
+  local algorithm=() user=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do algorithm+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  user=("$@")
+  local cmd=("$PYTHON" -m steppo_verl.main "${COMMON_OVERRIDES[@]}" "${algorithm[@]}" "${user[@]}")
+  if [ "$DRY_RUN" = 1 ]; then
+    printf "%q " "${cmd[@]}"; echo
+    return
+  fi
+  command -v nvidia-smi >/dev/null || die "no nvidia-smi: these scripts are for GPU nodes; see the README for the CPU run"
+  exec "${cmd[@]}"
+}

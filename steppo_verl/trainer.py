@@ -1,0 +1,250 @@
+"""StepPO on verl's default (v1, TransferQueue) trainer.
+
+Two routes, one implementation (:func:`compute_step_advantages`):
+
+- ``trainer.v1.trainer_mode=steppo`` (what ``python -m steppo_verl.main`` and the recipe use):
+  :class:`StepPOTrainer`, a ``PPOTrainerSync`` subclass registered in verl's trainer registry. It
+  fetches the agent loop's step fields (``step_ids``, ``env_rewards``, ``step_keys``,
+  ``truncated``, ``bootstrap_index``) from TransferQueue next to verl's own fields, so the
+  estimators get explicit steps, per-step rewards, GiGPO anchor keys and bootstrap values for
+  cut-off episodes, and reports step-level metrics.
+- plain ``python -m verl.trainer.main_ppo algorithm.adv_estimator=steppo critic.enable=true``:
+  verl's sync trainer. verl hands a registered estimator no critic values, so
+  :func:`install_compute_advantage_hook` routes verl's ``compute_advantage`` to ours for our
+  estimator names; steps are then recovered from ``response_mask`` runs and every episode is
+  treated as terminated (no bootstrap). Use the StepPO trainer for the full method.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from verl import DataProto
+from verl.trainer.ppo.utils import need_critic
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from steppo_verl.advantage import ESTIMATORS, algorithm_option
+from steppo_verl.metrics import step_metrics
+from steppo_verl.protocol import gather_at_step_starts, locate_steps
+
+__all__ = [
+    "STEP_FIELDS",
+    "StepPOTrainer",
+    "bootstrap_values",
+    "compute_step_advantages",
+    "install_compute_advantage_hook",
+    "padded_step_fields",
+    "validate_steppo_config",
+]
+
+# Per-trajectory fields the step-aware agent loop writes to TransferQueue. Token fields map to the
+# value that pads them past a row's end (step id -1 = "not an action token"); scalar fields to None.
+STEP_FIELDS = {"step_ids": -1, "env_rewards": 0.0, "step_keys": 0, "truncated": None, "bootstrap_index": None}
+STEP_AGENT = "steppo_agent"
+
+
+@dataclass
+class _StepBatch:
+    fields: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# The StepPO trainer hands the step fields of the batch being processed to the estimator call
+# that verl makes inside its own _compute_advantage.
+_CURRENT_BATCH: ContextVar[_StepBatch | None] = ContextVar("steppo_current_batch", default=None)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def _agent_names_in(files: Any) -> set[str]:
+    import pyarrow.parquet as pq
+
+    paths = [files] if isinstance(files, str) else list(files or [])
+    names: set[str] = set()
+    for path in paths:
+        if "agent_name" in pq.read_schema(path).names:
+            names.update(pq.read_table(path, columns=["agent_name"]).column(0).to_pylist())
+    return names
+
+
+def validate_steppo_config(config: DictConfig) -> None:
+    """Fail at start-up, with what to set, on configurations that cannot work.
+
+    Checks: ``steppo`` needs a critic and a critic model path; explicit step ids
+    (``algorithm.steppo.step_ids=agent_loop``, the default) need every training sample to run the
+    ``steppo_agent`` loop.
+    """
+    estimator = config.algorithm.adv_estimator
+    if estimator == "steppo":
+        if not need_critic(config):
+            raise ValueError(
+                "algorithm.adv_estimator=steppo needs a critic (V at every step start): set critic.enable=true"
+            )
+        if not config.critic.model.get("path"):
+            raise ValueError("algorithm.adv_estimator=steppo: critic.model.path is empty; set it to the critic model")
+    if estimator in ESTIMATORS and algorithm_option(config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop":
+        default_loop = config.actor_rollout_ref.rollout.agent.default_agent_loop
+        names = _agent_names_in(config.data.train_files) or {default_loop}
+        if names != {STEP_AGENT}:
+            raise ValueError(
+                f"explicit step ids need every training sample to run the {STEP_AGENT!r} agent loop, but the "
+                f"data uses {sorted(names)}: set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENT} "
+                f"and/or an agent_name column of {STEP_AGENT!r}, or recover steps from response_mask runs with "
+                "+algorithm.steppo.step_ids=mask"
+            )
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def padded_step_fields(fields: Any) -> dict[str, torch.Tensor]:
+    """TransferQueue's per-sample step fields as padded ``[B, L]`` / ``[B]`` tensors.
+
+    Args:
+        fields: mapping (TensorDict) with ``response_mask`` and any of :data:`STEP_FIELDS`. Token
+            fields are nested ``[B, j]`` tensors, or plain ``[B, L]`` ones when every row has the
+            same length (verl stacks equal-length rows).
+
+    Returns:
+        The fields present, padded, plus ``response_length`` ``[B]``.
+    """
+    response_mask = fields["response_mask"]
+    if response_mask.is_nested:
+        lengths = response_mask.offsets().diff()
+    else:
+        lengths = torch.full((response_mask.shape[0],), response_mask.shape[1], dtype=torch.int64)
+    padded = {"response_length": lengths}
+    for name, pad in STEP_FIELDS.items():
+        if name in fields.keys():
+            value = fields[name]
+            padded[name] = value.to_padded_tensor(pad) if value.is_nested else value
+    return padded
+
+
+def bootstrap_values(values: torch.Tensor, fields: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """``[B]`` V(s_K) after the final step: 0 for terminated episodes.
+
+    For a cut-off episode the agent loop left a position whose critic value is V(s_K)
+    (``bootstrap_index``); where the response budget left no room for it (-1), the value before
+    the row's last token is the closest state the critic has seen.
+    """
+    if "truncated" not in fields:
+        return None
+    last_token = (fields["response_length"] - 1).clamp(min=0)
+    index = fields.get("bootstrap_index", torch.full_like(last_token, -1))
+    position = torch.where(index >= 0, index, last_token).to(values.device)
+    value_at = values.gather(1, position[:, None]).squeeze(1)
+    return torch.where(fields["truncated"].to(values.device).bool(), value_at, torch.zeros_like(value_at))
+
+
+def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) -> DataProto:
+    """Run one of our estimators on a verl batch and store ``advantages``/``returns`` in it.
+
+    Reads verl's ``token_level_rewards``, ``response_mask``, ``values`` (if a critic runs) and
+    ``uid``, plus the step fields of the batch when the StepPO trainer provides them.
+    """
+    current = _CURRENT_BATCH.get()
+    fields = current.fields if current is not None else {}
+    batch = data.batch
+    response_mask = batch["response_mask"]
+    rewards = batch["token_level_rewards"]
+    if "env_rewards" in fields:
+        rewards = rewards + fields["env_rewards"].to(rewards)
+    values = batch["values"] if "values" in batch.keys() else None
+    step_ids = fields.get("step_ids")
+    steps = locate_steps(response_mask, step_ids)
+    step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
+    advantages, returns = ESTIMATORS[adv_estimator](
+        token_level_rewards=rewards,
+        response_mask=response_mask,
+        config=config,
+        index=data.non_tensor_batch.get("uid"),
+        values=values,
+        step_ids=step_ids,
+        bootstrap_values=bootstrap_values(values, fields) if values is not None else None,
+        step_keys=step_keys,
+    )
+    batch["advantages"], batch["returns"] = advantages, returns
+    if current is not None:
+        current.metrics.update(step_metrics(steps, advantages, returns, values, fields.get("truncated")))
+    return data
+
+
+def install_compute_advantage_hook() -> None:
+    """Send verl's ``compute_advantage`` calls for our estimators to :func:`compute_step_advantages`.
+
+    Why a wrapper: verl 0.9.1's ``compute_advantage`` (``verl/trainer/ppo/ray_trainer.py``) passes a
+    registered estimator only token_level_rewards, response_mask, config and index, dropping the
+    critic values that step GAE needs, and no registry or config key lets them through. The v1
+    trainer calls it by the name imported into ``verl.trainer.ppo.v1.utils``; that one name is
+    wrapped, and every estimator that is not ours reaches verl's function unchanged. Idempotent.
+    """
+    import verl.trainer.ppo.v1.utils as v1_utils
+
+    verl_compute_advantage = v1_utils.compute_advantage
+    if getattr(verl_compute_advantage, "__steppo_hook__", False):
+        return
+
+    @functools.wraps(verl_compute_advantage)
+    def compute_advantage(data, adv_estimator, *args, config=None, **kwargs):
+        name = getattr(adv_estimator, "value", adv_estimator)
+        if name in ESTIMATORS:
+            return compute_step_advantages(data, name, config)
+        return verl_compute_advantage(data, adv_estimator, *args, config=config, **kwargs)
+
+    compute_advantage.__steppo_hook__ = True
+    v1_utils.compute_advantage = compute_advantage
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@register_trainer("steppo")
+class StepPOTrainer(PPOTrainerSync):
+    """verl's synchronous PPO trainer with StepPO's step fields, checks and metrics."""
+
+    def __init__(self, config: DictConfig):
+        validate_steppo_config(config)
+        super().__init__(config)
+
+    # verl selects behaviour with `trainer_mode == "sync"` (trainer_base.py); this trainer is the
+    # sync trainer, registered under its own name only so that the registry can select it.
+    @property
+    def trainer_mode(self) -> str:
+        return "sync"
+
+    @trainer_mode.setter
+    def trainer_mode(self, _registered_name: str) -> None:
+        pass
+
+    def _compute_advantage(self, batch, metrics: dict) -> Any:
+        if self.config.algorithm.adv_estimator not in ESTIMATORS:
+            return super()._compute_advantage(batch, metrics)
+        token = _CURRENT_BATCH.set(_StepBatch(self._fetch_step_fields(batch)))
+        try:
+            result = super()._compute_advantage(batch, metrics)
+            metrics.update(_CURRENT_BATCH.get().metrics)
+        finally:
+            _CURRENT_BATCH.reset(token)
+        return result
+
+    def _fetch_step_fields(self, batch) -> dict[str, torch.Tensor]:
+        import transfer_queue as tq
+
+        wanted = [*STEP_FIELDS, "response_mask"]
+        fetched = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
+        missing = [name for name in STEP_FIELDS if name not in fetched.keys()]
+        explicit = algorithm_option(self.config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop"
+        if missing and explicit:
+            raise ValueError(
+                f"the batch has no {missing}: its samples did not run the {STEP_AGENT!r} agent loop; "
+                f"set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENT} or +algorithm.steppo.step_ids=mask"
+            )
+        return padded_step_fields(fetched)

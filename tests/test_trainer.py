@@ -1,0 +1,223 @@
+"""The StepPO trainer's advantage path exactly as verl runs it, on real TransferQueue data.
+
+TransferQueue runs for real here (Ray on CPU, one storage unit). Samples are real agent-loop
+outputs of the step-aware loop (scripted server, tiny tokenizer) put into TransferQueue the way
+verl's agent-loop worker does (``as_dict`` + ``list_of_dict_to_tensordict``), plus critic values.
+The trainer object skips ``__init__`` (which would start actor/critic/rollout workers); the
+method under test, ``_compute_advantage``, only reads the config and TransferQueue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import verl
+from hydra import compose, initialize_config_dir
+from test_agent_loop import EchoSearch, ScriptedServer, call, run
+from transfer_queue import KVBatchMeta
+from verl import DataProto
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+from steppo_verl.advantage import compute_gigpo_advantage, compute_steppo_advantage
+from steppo_verl.cpu.tiny_model import build_tiny_tokenizer
+from steppo_verl.protocol import locate_steps
+from steppo_verl.trainer import StepPOTrainer, padded_step_fields, validate_steppo_config
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def verl_config(*overrides):
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(
+            "ppo_trainer",
+            overrides=[
+                "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+                "algorithm.gamma=0.9",
+                "algorithm.lam=0.95",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def transfer_queue():
+    ray = pytest.importorskip("ray")
+    import transfer_queue as tq
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        tq.init(verl_config().transfer_queue)
+        yield tq
+    finally:
+        tq.close()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def trajectories():
+    """Four real agent-loop outputs: 2 prompts x 2 sessions, one of them cut by the turn limit."""
+    tokenizer = build_tiny_tokenizer()
+    scripts = [
+        ([call("a"), "<answer>x</answer>"], 5, 1.0),
+        ([call("b"), call("c"), "<answer>y</answer>"], 5, 0.0),
+        ([call("d"), call("e"), call("f")], 2, 0.0),  # turn limit after 2 steps: truncated
+        (["<answer>z</answer>"], 5, 1.0),
+    ]
+    outputs = []
+    for turns, max_turns, score in scripts:
+        output = run(tokenizer, ScriptedServer(tokenizer, turns), [EchoSearch(reward=0.1)], max_assistant_turns=max_turns)
+        output.reward_score = score
+        outputs.append(output)
+    return outputs
+
+
+def put_batch(tq, outputs, partition="train"):
+    """Put samples into TransferQueue the way verl's agent-loop worker does, with critic values."""
+    gen = torch.Generator().manual_seed(0)
+    keys, samples = [], []
+    for i, output in enumerate(outputs):
+        uid, session = f"prompt{i // 2}", i % 2
+        sample = output.as_dict()
+        sample["uid"] = uid
+        sample["values"] = torch.randn(len(output.response_ids), generator=gen)  # the critic's output
+        sample["old_log_probs"] = sample["rollout_log_probs"].clone()  # the actor's recomputation
+        keys.append(f"{uid}_{session}_0")
+        samples.append(sample)
+    tq.kv_batch_put(keys=keys, partition_id=partition, fields=list_of_dict_to_tensordict(samples))
+    return KVBatchMeta(keys=keys, tags=[{}] * len(keys), partition_id=partition), samples
+
+
+def trainer_with(config):
+    trainer = StepPOTrainer.__new__(StepPOTrainer)  # see the module docstring
+    trainer.config = config
+    return trainer
+
+
+def padded(samples, name, pad):
+    return torch.nested.as_nested_tensor([s[name] for s in samples], layout=torch.jagged).to_padded_tensor(pad)
+
+
+def test_steppo_advantages_from_transfer_queue(transfer_queue, trajectories):
+    batch, samples = put_batch(transfer_queue, trajectories)
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true")
+    metrics: dict = {}
+    trainer_with(config)._compute_advantage(batch, metrics)
+    stored = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="train", select_fields=["advantages", "returns"])
+
+    # The same computation by hand from the agent-loop fields.
+    mask, step_ids = padded(samples, "response_mask", 0), padded(samples, "step_ids", -1)
+    rewards = padded(samples, "rm_scores", 0.0) + padded(samples, "env_rewards", 0.0)
+    values = padded(samples, "values", 0.0)
+    bootstrap = torch.zeros(len(samples))
+    for b, sample in enumerate(samples):
+        if sample["truncated"]:
+            assert sample["bootstrap_index"] >= 0
+            bootstrap[b] = sample["values"][sample["bootstrap_index"]]
+    assert bootstrap.abs().sum() > 0, "the turn-limited trajectory must be bootstrapped"
+    adv, ret = compute_steppo_advantage(rewards, values, mask, step_ids, gamma=0.9, lam=0.95, bootstrap_values=bootstrap)
+    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), adv)
+    torch.testing.assert_close(stored["returns"].to_padded_tensor(0.0), ret)
+
+    assert metrics["steppo/truncated_frac"] == pytest.approx(0.25)
+    assert metrics["steppo/num_steps/max"] == 3 and metrics["steppo/num_steps/min"] == 1
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_gigpo_uses_the_agent_loops_state_keys(transfer_queue, trajectories):
+    batch, samples = put_batch(transfer_queue, trajectories, partition="gigpo")
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="gigpo")
+    config = verl_config("algorithm.adv_estimator=gigpo")
+    trainer_with(config)._compute_advantage(batch, {})
+    stored = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="gigpo", select_fields=["advantages"])
+
+    mask, step_ids = padded(samples, "response_mask", 0), padded(samples, "step_ids", -1)
+    rewards = padded(samples, "rm_scores", 0.0) + padded(samples, "env_rewards", 0.0)
+    steps = locate_steps(mask, step_ids)
+    keys = padded(samples, "step_keys", 0).gather(1, steps.starts) * steps.step_mask
+    uid = np.array([s["uid"] for s in samples], dtype=object)
+    expected, _ = compute_gigpo_advantage(rewards, mask, uid, step_ids, step_keys=keys, gamma=0.9)
+    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), expected)
+
+
+def test_plain_verl_path_recovers_steps_from_the_mask():
+    """verl's own sync trainer calls verl's compute_advantage; the hook routes ours, steps from runs."""
+    import verl.trainer.ppo.v1.utils as v1_utils
+
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 9.0, 9.0, 0.2, 9.0], [0.1, 9.0, 9.0, 9.0, 9.0]])
+    data = DataProto.from_dict(
+        {"token_level_rewards": rewards, "response_mask": mask, "values": values},
+        non_tensors={"uid": np.array(["a", "b"], dtype=object)},
+    )
+    config = verl_config("algorithm.adv_estimator=steppo").algorithm
+    out = v1_utils.compute_advantage_for_multi_trajectories(data, ["a_0_0", "b_0_0"], "steppo", config=config)
+    expected, _ = compute_steppo_advantage(rewards, values, mask, gamma=0.9, lam=0.95)
+    torch.testing.assert_close(out.batch["advantages"], expected)
+
+
+def test_hook_leaves_verls_estimators_alone():
+    import verl.trainer.ppo.v1.utils as v1_utils
+
+    assert v1_utils.compute_advantage.__steppo_hook__
+    mask = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 0]])
+    batch = {"token_level_rewards": torch.rand(2, 4), "response_mask": mask, "values": torch.rand(2, 4)}
+    config = verl_config("algorithm.adv_estimator=gae").algorithm
+    ours = v1_utils.compute_advantage(DataProto.from_dict(dict(batch)), "gae", config=config)
+    verls = v1_utils.compute_advantage.__wrapped__(DataProto.from_dict(dict(batch)), "gae", config=config)
+    torch.testing.assert_close(ours.batch["advantages"], verls.batch["advantages"])
+
+
+def test_padded_step_fields_handles_equal_length_rows_stacked_by_verl():
+    from tensordict import TensorDict
+
+    td = TensorDict(
+        {"response_mask": torch.ones(2, 3, dtype=torch.long), "step_ids": torch.zeros(2, 3, dtype=torch.long),
+         "truncated": torch.tensor([True, False])},
+        batch_size=[2],
+    )
+    fields = padded_step_fields(td)
+    assert fields["response_length"].tolist() == [3, 3] and fields["step_ids"].shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------- start-up checks
+
+
+def test_steppo_without_a_critic_fails_at_start_up():
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=false")
+    with pytest.raises(ValueError, match="set critic.enable=true"):
+        validate_steppo_config(config)
+
+
+def test_steppo_with_an_empty_critic_path_fails_at_start_up():
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "critic.model.path=''")
+    with pytest.raises(ValueError, match="critic.model.path is empty"):
+        validate_steppo_config(config)
+
+
+def test_data_without_the_step_agent_fails_at_start_up(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"agent_name": ["steppo_agent", "tool_agent"]}), path)
+    config = verl_config(
+        "algorithm.adv_estimator=steppo", "critic.enable=true", f"data.train_files={path}",
+        "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent",
+    )
+    with pytest.raises(ValueError, match=r"\['steppo_agent', 'tool_agent'\].*default_agent_loop=steppo_agent"):
+        validate_steppo_config(config)
+    pq.write_table(pa.table({"agent_name": ["steppo_agent"] * 2}), path)
+    validate_steppo_config(config)  # all samples on the step agent: fine
+
+
+def test_default_agent_loop_must_be_the_step_agent_when_the_data_does_not_say():
+    config = verl_config("algorithm.adv_estimator=gigpo", "data.train_files=[]")
+    with pytest.raises(ValueError, match="single_turn_agent"):
+        validate_steppo_config(config)
+    ok = verl_config("algorithm.adv_estimator=gigpo", "data.train_files=[]", "+algorithm.steppo.step_ids=mask")
+    validate_steppo_config(ok)
