@@ -8,6 +8,7 @@ list per query. Without scores, servers send the document dicts themselves as th
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any, Protocol
 
 import httpx
@@ -48,6 +49,8 @@ class HttpRetrievalBackend:
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
             raise ValueError("timeout_s must be positive; max_retries and backoff_s must not be negative")
         self.endpoint = url.rstrip("/") + "/retrieve"
+        # Loading the CA bundle costs ~50 ms of CPU on the event loop; do it once, not per client.
+        self._ssl_context = ssl.create_default_context()
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._backoff_s = backoff_s
@@ -59,7 +62,7 @@ class HttpRetrievalBackend:
         payload = {"queries": list(queries), "topk": topk, "return_scores": True}
         attempts = 1 + self._max_retries
         # A client per call: cheap on a local server, and never bound to an event loop that has since closed.
-        async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+        async with httpx.AsyncClient(timeout=self._timeout_s, verify=self._ssl_context) as client:
             for attempt in range(attempts):
                 try:
                     return _parse_result(await self._post(client, payload), len(queries), self.endpoint)
