@@ -5,7 +5,6 @@ Servers only ever listen on 127.0.0.1; every process or thread a test starts is 
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -15,9 +14,10 @@ from pathlib import Path
 import bm25s
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from loopback import LOOPBACK, ThreadedServer
 
 from steppo_verl.retrieval import (
     BM25Index,
@@ -31,7 +31,6 @@ from steppo_verl.retrieval import (
 )
 from steppo_verl.retrieval.server import ServerLimits, free_port, serve_in_background
 
-LOOPBACK = "127.0.0.1"
 
 # Invented passages; several share words ("lighthouse", "engineer", "river", "festival") so ranking matters.
 PARAGRAPHS = [
@@ -353,31 +352,12 @@ def _scripted_app(attempts: Counter) -> FastAPI:
     return app
 
 
-class ScriptedServer:
-    """The scripted app under uvicorn in a thread, on a loopback socket bound before the thread starts."""
+class ScriptedServer(ThreadedServer):
+    """The scripted app, counting attempts per query."""
 
     def __init__(self) -> None:
         self.attempts: Counter = Counter()
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind((LOOPBACK, 0))
-        self.url = f"http://{LOOPBACK}:{self._socket.getsockname()[1]}"
-        config = uvicorn.Config(_scripted_app(self.attempts), log_level="warning", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    def start(self, timeout_s: float = 20) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("scripted server did not start")
-            time.sleep(0.02)
-
-    def stop(self, timeout_s: float = 20) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-        self._socket.close()
-        assert not self._thread.is_alive(), "scripted server thread did not stop"
+        super().__init__(_scripted_app(self.attempts), name="scripted server")
 
 
 @pytest.fixture(scope="module")

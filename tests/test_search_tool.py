@@ -6,25 +6,23 @@ Servers only ever listen on 127.0.0.1; every process or thread a test starts is 
 import asyncio
 import json
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from omegaconf import OmegaConf
 from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
 from verl.experimental.agent_loop.tool_parser import FunctionCall
 from verl.tools.tool_registry import initialize_tools_from_config
 
+from loopback import LOOPBACK, ThreadedServer
+
 from steppo_verl.retrieval import BM25Index, Passage, load_corpus, write_corpus
 from steppo_verl.retrieval.server import free_port, serve_in_background
 from steppo_verl.tools.search import SEARCH_STEP_REWARD, SearchTool, shared_index
 
-LOOPBACK = "127.0.0.1"
 SHIPPED_YAML = Path(__file__).resolve().parents[1] / "steppo_verl" / "config" / "search_tool.yaml"
 
 # Invented passages; shared words ("river", "bridge", "observatory") make the ranking matter.
@@ -335,8 +333,8 @@ def test_unreachable_server_gives_a_failure_observation_quickly(load_tool):
 SLOW_HANDLER_S = 3.0
 
 
-class SlowServer:
-    """A retrieval endpoint that answers only after SLOW_HANDLER_S, under uvicorn in a thread."""
+class SlowServer(ThreadedServer):
+    """A retrieval endpoint that answers only after SLOW_HANDLER_S."""
 
     def __init__(self) -> None:
         app = FastAPI()
@@ -346,26 +344,7 @@ class SlowServer:
             await asyncio.sleep(SLOW_HANDLER_S)
             return {"result": [[]]}
 
-        # Bound here, before the thread starts, so the port cannot be taken in between.
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind((LOOPBACK, 0))
-        self.url = f"http://{LOOPBACK}:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    def start(self, timeout_s: float = 20) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("slow server did not start")
-            time.sleep(0.02)
-
-    def stop(self, timeout_s: float = 20) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-        self._socket.close()
-        assert not self._thread.is_alive(), "slow server thread did not stop"
+        super().__init__(app, name="slow server")
 
 
 @pytest.fixture
