@@ -13,13 +13,14 @@ tool parser and tool interfaces) and records, per trajectory, what StepPO needs:
   length, wall-clock timeout) rather than ended by the model's answer, and the response position
   whose critic value is V(s_K), the state after the last step.
 
-How the state after the last step becomes scorable: at a cut-off the loop completes the pending
-observation (at the turn limit it still runs the requested tool calls) and appends one extra
-non-action token after it. verl's critic value at a position is the value of everything *before*
-that token, so the value at ``bootstrap_index`` is V(prompt + all actions + all observations +
-the next turn's generation prompt), the same kind of prefix that V(s_k) is read from at every
-step start. When the response budget leaves no room for that, ``bootstrap_index`` is -1 and the
-trainer falls back as documented there.
+How the state after the last step becomes scorable: at a turn-limit or timeout cut-off the loop
+completes the pending observation (at the turn limit it still runs the requested tool calls) and
+appends one extra non-action token after it. verl's critic value at a position is the value of
+everything *before* that token, so the value at ``bootstrap_index`` is V(prompt + all actions +
+all observations + the next turn's generation prompt), the same kind of prefix that V(s_k) is read
+from at every step start. A response-length cut leaves that state incomplete (the observation or
+the step itself did not fit): ``bootstrap_index`` is then -1 and the trainer falls back as
+documented there.
 
 Limits come from verl's keys: ``rollout.response_length``, ``rollout.multi_turn.max_assistant_turns``
 (model steps), ``max_user_turns``, ``max_parallel_calls``, ``max_tool_response_length``. Our own
@@ -121,7 +122,9 @@ class StepAgentLoop(ToolAgentLoop):
         await self._handle_pending_state(agent_data, sampling_params)
         steps: list[_Step] = []
         ending = await self._run_steps(agent_data, sampling_params, steps)
-        bootstrap = self._append_bootstrap_token(agent_data) if ending.truncated else -1
+        # A length cut leaves the state after the last step incomplete (its observation, or the step
+        # itself, did not fit), so only turn-limit and timeout cuts get a V(s_K) position.
+        bootstrap = self._append_bootstrap_token(agent_data) if ending in (Ending.TURN_LIMIT, Ending.TIMEOUT) else -1
         return self._build_output(agent_data, steps, ending, bootstrap)
 
     async def _run_steps(self, agent_data: AgentData, sampling_params: dict[str, Any], steps: list[_Step]) -> Ending:
@@ -139,7 +142,8 @@ class StepAgentLoop(ToolAgentLoop):
                 ending = await self._classify_stop(agent_data)
                 if ending is Ending.TURN_LIMIT:
                     # Observe what the last step asked for, so the state after it can be valued.
-                    await self._observe(agent_data, steps)
+                    fits = await self._observe(agent_data, steps) is not None
+                    return ending if fits else Ending.LENGTH_LIMIT
                 if ending is not None:
                     return ending
             key = await self._observe(agent_data, steps)

@@ -266,3 +266,16 @@ def test_loop_is_registered_with_verl_and_configurable_by_yaml():
     entry = next(e for e in entries if e.name == "steppo_agent")
     assert entry._target_ == "steppo_verl.agent_loop.StepAgentLoop"
     assert json.loads(json.dumps(OmegaConf.to_container(entry)))["tool_timeout_s"] > 0
+
+
+def test_turn_limit_whose_last_observation_does_not_fit_is_a_length_cut(tokenizer):
+    turns = [call("a"), call("b")]
+    roomy = run(tokenizer, ScriptedServer(tokenizer, turns), [EchoSearch()], max_assistant_turns=2)
+    last_action = max(t for t, k in enumerate(roomy.step_ids) if k == 1)
+    tight = last_action + 3  # the last step fits, its observation does not
+    output = run(tokenizer, ScriptedServer(tokenizer, turns), [EchoSearch()], max_assistant_turns=2,
+                 response_length=tight)
+    assert_consistent(output)
+    assert output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value and output.truncated
+    assert output.bootstrap_index == -1, "no V(s_K) position without the final observation"
+    assert output.step_ids[: last_action + 1] == roomy.step_ids[: last_action + 1]
