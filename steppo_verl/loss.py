@@ -27,7 +27,7 @@ from verl.utils.torch_functional import masked_mean
 
 from steppo_verl.protocol import locate_steps, scatter_to_tokens, step_means
 
-__all__ = ["LOSSES", "compute_policy_loss_steppo"]
+__all__ = ["LOSSES", "clip_binds", "compute_policy_loss_steppo"]
 
 # exp() of a log-ratio above this overflows float32 gradients long before it means anything.
 _MAX_LOG_RATIO = 10.0
@@ -38,6 +38,11 @@ def _clip_range(config: Any) -> tuple[float, float]:
     low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
     return low, high
+
+
+def clip_binds(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """Where the PPO clip removes the gradient: ratio above 1 + high with A > 0, below 1 - low with A < 0."""
+    return ((advantages > 0) & (ratio > 1 + clip_high)) | ((advantages < 0) & (ratio < 1 - clip_low))
 
 
 @register_policy_loss("steppo")
@@ -92,9 +97,7 @@ def compute_policy_loss_steppo(
     with torch.no_grad():
         step_ratio = torch.exp(step_log_ratio.clamp(max=_MAX_LOG_RATIO))
         step_adv = step_means(advantages.detach(), steps)
-        # The clip binds where it lowers the objective: above 1 + high for A > 0, below 1 - low for A < 0.
-        binds = ((step_adv > 0) & (step_ratio > 1 + clip_high)) | ((step_adv < 0) & (step_ratio < 1 - clip_low))
-        step_was_clipped = binds & steps.step_mask
+        step_was_clipped = clip_binds(step_ratio, step_adv, clip_low, clip_high) & steps.step_mask
         num_steps = steps.step_mask.sum().clamp(min=1)
         metrics = {
             "actor/pg_clipfrac": masked_mean(torch.gt(clipped, unclipped).float(), loss_mask).item(),

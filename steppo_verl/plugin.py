@@ -1,10 +1,12 @@
 """verl plugin entry point (setuptools group ``verl.plugins``).
 
 verl imports this module in every process that imports verl (driver and Ray workers alike).
-Importing it registers StepPO's components in verl's own registries: the advantage estimators,
-the ``steppo`` policy loss, the ``steppo_agent`` agent loop and the ``steppo`` trainer. One verl
-function is wrapped, in one place, because no registry reaches it: see
-:func:`steppo_verl.trainer.install_compute_advantage_hook`. verl logs a failing plugin only at
+Importing it registers StepPO's components in verl's own registries: the ``cpu`` platform, its
+FSDP2 engines and the ``hf`` rollout backend (:mod:`steppo_verl.cpu`; never selected where an
+accelerator is present unless asked), the advantage estimators, the ``steppo`` policy loss, the
+``steppo_agent`` agent loop and the ``steppo`` trainer. verl functions that no registry reaches are
+wrapped in two documented places: :func:`steppo_verl.trainer.install_compute_advantage_hook` and
+:func:`steppo_verl.cpu.platform.wrap_verl_functions`. verl logs a failing plugin only at
 DEBUG level, so a failure here is logged at ERROR and re-raised.
 """
 
@@ -53,6 +55,10 @@ def ensure_registered() -> None:
 
 
 try:
+    # The cpu platform goes first: the imports below resolve verl's platform singleton.
+    from steppo_verl.cpu import register as register_cpu
+
+    register_cpu()
     ensure_registered()
 except Exception:
     logger.error("steppo_verl failed to register its components with verl", exc_info=True)

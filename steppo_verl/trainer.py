@@ -18,6 +18,7 @@ Two routes, one implementation (:func:`compute_step_advantages`):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from steppo_verl.advantage import ESTIMATORS, algorithm_option
+from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_records, rows_to_dump
 from steppo_verl.metrics import step_metrics
 from steppo_verl.protocol import gather_at_step_starts, locate_steps
 
@@ -53,6 +55,7 @@ STEP_AGENT = "steppo_agent"
 class _StepBatch:
     fields: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    dump: Callable[[TrajectoryBatch], Any] | None = None  # writes the per-step records of this batch
 
 
 # The StepPO trainer hands the step fields of the batch being processed to the estimator call
@@ -174,6 +177,26 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     batch["advantages"], batch["returns"] = advantages, returns
     if current is not None:
         current.metrics.update(step_metrics(steps, advantages, returns, values, fields.get("truncated")))
+    if current is not None and current.dump is not None:
+        current.dump(
+            TrajectoryBatch(
+                responses=fields["responses"],
+                response_mask=response_mask,
+                token_level_rewards=batch["token_level_rewards"],
+                advantages=advantages,
+                returns=returns,
+                uid=[str(u) for u in data.non_tensor_batch["uid"]],
+                step_ids=step_ids,
+                env_rewards=fields.get("env_rewards"),
+                values=values,
+                # At this point the policy has not moved yet; the ratio shown is the trainer's policy
+                # against the rollout engine's (what verl's rollout correction looks at).
+                old_log_probs=batch["rollout_log_probs"] if "rollout_log_probs" in batch.keys() else None,
+                log_probs=batch["old_log_probs"] if "old_log_probs" in batch.keys() else None,
+                truncated=fields.get("truncated"),
+                response_length=fields["response_length"],
+            )
+        )
     return data
 
 
@@ -227,7 +250,9 @@ class StepPOTrainer(PPOTrainerSync):
     def _compute_advantage(self, batch, metrics: dict) -> Any:
         if self.config.algorithm.adv_estimator not in ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
-        token = _CURRENT_BATCH.set(_StepBatch(self._fetch_step_fields(batch)))
+        dump = self._dump_for_this_step(len(batch.keys))
+        fields = self._fetch_step_fields(batch, with_responses=dump is not None)
+        token = _CURRENT_BATCH.set(_StepBatch(fields, dump=dump))
         try:
             result = super()._compute_advantage(batch, metrics)
             metrics.update(_CURRENT_BATCH.get().metrics)
@@ -235,10 +260,30 @@ class StepPOTrainer(PPOTrainerSync):
             _CURRENT_BATCH.reset(token)
         return result
 
-    def _fetch_step_fields(self, batch) -> dict[str, torch.Tensor]:
+    def _dump_for_this_step(self, batch_size: int) -> Callable[[TrajectoryBatch], Any] | None:
+        """The per-step record writer if ``trainer.steppo_dump`` asks for records at this step."""
+        options = self.config.trainer.get("steppo_dump") or {}
+        every_n_steps = options.get("every_n_steps", 0)
+        max_trajectories = options.get("max_trajectories", 64)
+        if not rows_to_dump(self.global_steps, batch_size, every_n_steps, max_trajectories):
+            return None
+        actor = self.config.actor_rollout_ref.actor
+        config = DumpConfig(
+            run_dir=options.get("run_dir") or self.config.trainer.default_local_dir,
+            every_n_steps=every_n_steps,
+            max_trajectories=max_trajectories,
+            max_observation_chars=options.get("max_observation_chars", 1000),
+            clip_ratio_low=actor.get("clip_ratio_low") or actor.clip_ratio,
+            clip_ratio_high=actor.get("clip_ratio_high") or actor.clip_ratio,
+        )
+        return functools.partial(
+            dump_step_records, tokenizer=self.tokenizer, training_step=self.global_steps, config=config
+        )
+
+    def _fetch_step_fields(self, batch, with_responses: bool = False) -> dict[str, torch.Tensor]:
         import transfer_queue as tq
 
-        wanted = [*STEP_FIELDS, "response_mask"]
+        wanted = [*STEP_FIELDS, "response_mask"] + (["responses"] if with_responses else [])
         fetched = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
         missing = [name for name in STEP_FIELDS if name not in fetched.keys()]
         explicit = algorithm_option(self.config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop"
@@ -247,4 +292,9 @@ class StepPOTrainer(PPOTrainerSync):
                 f"the batch has no {missing}: its samples did not run the {STEP_AGENT!r} agent loop; "
                 f"set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENT} or +algorithm.steppo.step_ids=mask"
             )
-        return padded_step_fields(fetched)
+        fields = padded_step_fields(fetched)
+        if with_responses:
+            responses = fetched["responses"]
+            pad = self.tokenizer.pad_token_id or 0
+            fields["responses"] = responses.to_padded_tensor(pad) if responses.is_nested else responses
+        return fields

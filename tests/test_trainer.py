@@ -91,9 +91,9 @@ def put_batch(tq, outputs, partition="train"):
     return KVBatchMeta(keys=keys, tags=[{}] * len(keys), partition_id=partition), samples
 
 
-def trainer_with(config):
+def trainer_with(config, tokenizer=None, global_steps=1):
     trainer = StepPOTrainer.__new__(StepPOTrainer)  # see the module docstring
-    trainer.config = config
+    trainer.config, trainer.tokenizer, trainer.global_steps = config, tokenizer, global_steps
     return trainer
 
 
@@ -125,6 +125,31 @@ def test_steppo_advantages_from_transfer_queue(transfer_queue, trajectories):
     assert metrics["steppo/truncated_frac"] == pytest.approx(0.25)
     assert metrics["steppo/num_steps/max"] == 3 and metrics["steppo/num_steps/min"] == 1
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_per_step_records_are_dumped_with_the_estimators_values(transfer_queue, trajectories, tmp_path):
+    from steppo_verl.inspect import read_step_records
+
+    batch, samples = put_batch(transfer_queue, trajectories, partition="dump")
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="dump")
+    config = verl_config(
+        "algorithm.adv_estimator=steppo", "critic.enable=true",
+        "+trainer.steppo_dump.every_n_steps=5", f"+trainer.steppo_dump.run_dir={tmp_path}",
+    )
+    trainer_with(config, build_tiny_tokenizer(), global_steps=3)._compute_advantage(batch, {})
+    assert not (tmp_path / "steppo_steps").exists(), "step 3 is not a dump step"
+    trainer_with(config, build_tiny_tokenizer(), global_steps=5)._compute_advantage(batch, {})
+    records = read_step_records(tmp_path)
+    stored = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="dump", select_fields=["advantages", "returns"])
+    advantages = stored["advantages"].to_padded_tensor(0.0)
+    assert len(records) == sum(int(s["step_ids"].max()) + 1 for s in samples)
+    for record in records:
+        row = int(record["trajectory_id"].split("#")[1])
+        start = samples[row]["step_ids"].tolist().index(record["step"])
+        assert record["training_step"] == 5
+        assert record["advantage"] == pytest.approx(float(advantages[row, start]), abs=1e-6)
+        assert record["value"] == pytest.approx(float(samples[row]["values"][start]), abs=1e-6)
+        assert record["truncated"] == (bool(samples[row]["truncated"]) and record["step"] == record["num_steps"] - 1)
 
 
 def test_gigpo_uses_the_agent_loops_state_keys(transfer_queue, trajectories):

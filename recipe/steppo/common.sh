@@ -77,9 +77,22 @@ setup_retriever() {
 
 # The settings every HotpotQA script shares; sources: [verl] defaults, [paper] StepPO's HotpotQA
 # setting, [s-r1] Search-R1. Algorithm-specific choices come from each script.
+# A file shipped inside the installed steppo_verl package, by its path below the package.
+package_file() {
+  "$PYTHON" -c "import sys; from importlib.resources import files; print(files('steppo_verl').joinpath(*sys.argv[1:]))" "$@"
+}
+
+# Hydra overrides that hand the retriever settings (RETRIEVER_ENV) to every Ray worker.
+retriever_overrides() {
+  local kv
+  for kv in "${RETRIEVER_ENV[@]}"; do
+    printf '%s\n' "+ray_kwargs.ray_init.runtime_env.env_vars.${kv%%=*}=${kv#*=}"
+  done
+}
+
 common_overrides() {
   local tool_config
-  tool_config=$("$PYTHON" -c "from importlib.resources import files; print(files('steppo_verl') / 'config' / 'search_tool.yaml')")
+  tool_config=$(package_file config search_tool.yaml)
   COMMON_OVERRIDES=(
     "data.train_files=$DATA_DIR/train.parquet"
     "data.val_files=$DATA_DIR/validation.parquet"
@@ -109,10 +122,7 @@ common_overrides() {
     "trainer.experiment_name=$EXPERIMENT_NAME"
     "trainer.logger=$LOGGER"
   )
-  local kv
-  for kv in "${RETRIEVER_ENV[@]}"; do
-    COMMON_OVERRIDES+=("+ray_kwargs.ray_init.runtime_env.env_vars.${kv%%=*}=${kv#*=}")
-  done
+  mapfile -t -O "${#COMMON_OVERRIDES[@]}" COMMON_OVERRIDES < <(retriever_overrides)
 }
 
 # launch ALGORITHM_OVERRIDES... -- USER_OVERRIDES...
