@@ -75,7 +75,7 @@ def lookup(config: dict, dotted: str):
 
 
 def test_every_script_is_valid_bash():
-    assert len(SCRIPTS) == 5
+    assert len(SCRIPTS) == 6
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -131,3 +131,26 @@ def test_an_interpreter_without_the_package_fails_early(data_dir, tmp_path):
     fake.chmod(0o755)
     result = run_script(RECIPE / "run_qwen2.5-7b_hotpotqa.sh", {"DATA_DIR": str(data_dir), "PYTHON": str(fake)})
     assert result.returncode != 0 and "cannot import steppo_verl" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cpu_smoke_dry_run_composes_the_cpu_platform_config(tmp_path):
+    result = run_script(RECIPE / "run_cpu_smoke.sh", {"DRY_RUN": "1", "WORK_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    for preparation in ("steppo_verl.cpu.tiny_model", "steppo_verl.data.prepare", "--build-only"):
+        assert preparation in result.stdout
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert command[:4] == [sys.executable, "-m", "steppo_verl.main", "+platform=cpu"]
+    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    config = yaml.safe_load(composed.stdout)
+    for key, value in {
+        "trainer.device": "cpu",
+        "actor_rollout_ref.rollout.name": "hf",
+        "actor_rollout_ref.actor.strategy": "fsdp2",
+        "critic.strategy": "fsdp2",
+        "algorithm.adv_estimator": "steppo",
+        "actor_rollout_ref.model.path": str(tmp_path / "model"),
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
+    }.items():
+        assert lookup(config, key) == value, key
