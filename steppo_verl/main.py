@@ -25,6 +25,10 @@ def run(config: DictConfig) -> None:
         raise ValueError("StepPO runs on verl's v1 trainer: set trainer.use_v1=true")
     auto_set_device(config)
     validate_steppo_config(config)
+    if config.trainer.device == "cpu":
+        from steppo_verl.cpu.resources import check_cpu_resources
+
+        check_cpu_resources(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
