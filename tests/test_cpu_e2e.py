@@ -209,7 +209,7 @@ def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
     work = tmp_path / "smoke"
     # A large actor lr makes a missed weight sync visible as a rollout/actor log-prob gap at step 2.
     cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3",
-           "+trainer.steppo_dump.every_n_steps=1"]
+           "trainer.steppo_dump.every_n_steps=1"]
     result, wall_s, peak_gib = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2")
     assert_two_finite_steps(
         result, wall_s, peak_gib, "critic/vf_loss", "steppo/num_steps/mean", "steppo/step_advantage/mean",

@@ -50,6 +50,7 @@ SHARED = {
     "algorithm.gamma": 0.99,
     "reward.custom_reward_function.path": "pkg://steppo_verl.rewards.qa",
     "trainer.total_epochs": 5,
+    "trainer.steppo_dump.every_n_steps": 10,
 }
 
 
