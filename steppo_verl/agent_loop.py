@@ -24,7 +24,8 @@ documented there.
 
 Limits come from verl's keys: ``rollout.response_length``, ``rollout.multi_turn.max_assistant_turns``
 (model steps), ``max_user_turns``, ``max_parallel_calls``, ``max_tool_response_length``. Our own
-options (``tool_timeout_s``, ``max_episode_seconds``) come from the agent-loop yaml
+options (``tool_timeout_s``, ``max_episode_seconds``, ``initial_search_tool`` for the StepPO paper's
+forced first search of the question) come from the agent-loop yaml
 (``steppo_verl/config/agent_loop.yaml``). A malformed tool call, an unknown tool, a tool that
 fails or times out all become an observation for the model; the rollout never fails because of a
 tool. Every sample of a batch must use this loop, since verl requires identical keys per sample.
@@ -103,10 +104,18 @@ class StepAgentLoopOutput(AgentLoopOutput):
 class StepAgentLoop(ToolAgentLoop):
     """verl's tool agent loop with a step record; see the module docstring."""
 
-    def __init__(self, *args, tool_timeout_s: float = 60.0, max_episode_seconds: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        tool_timeout_s: float = 60.0,
+        max_episode_seconds: float | None = None,
+        initial_search_tool: str | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.tool_timeout_s = tool_timeout_s
         self.max_episode_seconds = max_episode_seconds
+        self.initial_search_tool = initial_search_tool
 
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
         agent_data = AgentData(
@@ -119,6 +128,8 @@ class StepAgentLoop(ToolAgentLoop):
             request_id=self._make_request_id(priority, self.rollout_config.full_determinism),
             tools_kwargs=kwargs.get("tools_kwargs", {}),
         )
+        if self.initial_search_tool:
+            await self._search_the_question(agent_data, kwargs.get("extra_info") or {})
         await self._handle_pending_state(agent_data, sampling_params)
         steps: list[_Step] = []
         ending = await self._run_steps(agent_data, sampling_params, steps)
@@ -126,6 +137,20 @@ class StepAgentLoop(ToolAgentLoop):
         # itself, did not fit), so only turn-limit and timeout cuts get a V(s_K) position.
         bootstrap = self._append_bootstrap_token(agent_data) if ending in (Ending.TURN_LIMIT, Ending.TIMEOUT) else -1
         return self._build_output(agent_data, steps, ending, bootstrap)
+
+    async def _search_the_question(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
+        """The StepPO paper's forced first search: the question's results become part of the prompt (s_0).
+
+        Calls ``initial_search_tool`` with ``{"query_list": [question]}`` (the search tool's contract);
+        the question is ``extra_info["question"]`` as written by our data preparation, else the last
+        user message. A failing search becomes the observation text, as for any tool call.
+        """
+        question = extra_info.get("question") or next(
+            m["content"] for m in reversed(agent_data.messages) if m.get("role") == "user"
+        )
+        call = FunctionCall(name=self.initial_search_tool, arguments=json.dumps({"query_list": [question]}))
+        response, _, _ = await self._call_tool(call, agent_data.tools_kwargs, agent_data)
+        agent_data.messages.append({"role": "tool", "content": response.text or ""})
 
     async def _run_steps(self, agent_data: AgentData, sampling_params: dict[str, Any], steps: list[_Step]) -> Ending:
         """Alternate model steps and observations until the model answers or a limit cuts it off."""

@@ -88,7 +88,8 @@ class EchoSearch(BaseTool):
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise ConnectionError("retriever is down")
-        return ToolResponse(text=f"Doc 1 (Title: T) result for {parameters.get('query')}"), self.reward, {}
+        query = parameters.get("query") or parameters.get("query_list")
+        return ToolResponse(text=f"Doc 1 (Title: T) result for {query}"), self.reward, {}
 
 
 def make_loop(tokenizer, server, tools, response_length=400, max_assistant_turns=5, **kwargs):
@@ -110,12 +111,12 @@ def call(query, name="search"):
     return f'<tool_call>{{"name": "{name}", "arguments": {{"query": "{query}"}}}}</tool_call>'
 
 
-def run(tokenizer, server, tools, **kwargs):
+def run(tokenizer, server, tools, extra_info=None, **kwargs):
     """Build the loop inside the event loop (verl binds it to the running loop) and run one episode."""
 
     async def episode():
         loop = make_loop(tokenizer, server, tools, **kwargs)
-        return await loop.run({"temperature": 1.0}, raw_prompt=PROMPT)
+        return await loop.run({"temperature": 1.0}, raw_prompt=PROMPT, extra_info=extra_info or {})
 
     return asyncio.run(episode())
 
@@ -279,3 +280,15 @@ def test_turn_limit_whose_last_observation_does_not_fit_is_a_length_cut(tokenize
     assert output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value and output.truncated
     assert output.bootstrap_index == -1, "no V(s_K) position without the final observation"
     assert output.step_ids[: last_action + 1] == roomy.step_ids[: last_action + 1]
+
+
+def test_forced_first_search_becomes_part_of_the_prompt(tokenizer):
+    server = ScriptedServer(tokenizer, [call("b"), "<answer>x</answer>"])
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)], initial_search_tool="search",
+                 extra_info={"question": "capital of Verin?"})
+    assert_consistent(output)
+    prompt = tokenizer.decode(output.prompt_ids)
+    assert "result for ['capital of Verin?']" in prompt, "the question's search results are in s_0"
+    assert output.step_ids == expected_layout(server, output)
+    assert max(output.step_ids) == 1, "the forced search is not a model step"
+    assert sum(output.env_rewards) == pytest.approx(0.5), "only the model's own call is rewarded"

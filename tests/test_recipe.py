@@ -101,6 +101,7 @@ def test_dry_run_prints_a_command_that_composes_to_the_expected_config(name, dat
     env_vars = lookup(config, "ray_kwargs.ray_init.runtime_env.env_vars")
     assert env_vars == {"STEPPO_SEARCH_BACKEND": "embedded", "STEPPO_INDEX_DIR": str(data_dir / "bm25_index")}
     assert Path(lookup(config, "actor_rollout_ref.rollout.multi_turn.tool_config_path")).is_file()
+    assert Path(lookup(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path")).is_file()
 
 
 def test_retriever_url_selects_the_http_backend(data_dir):

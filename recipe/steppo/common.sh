@@ -96,11 +96,12 @@ common_overrides() {
   COMMON_OVERRIDES=(
     "data.train_files=$DATA_DIR/train.parquet"
     "data.val_files=$DATA_DIR/validation.parquet"
-    data.max_prompt_length=2048                 # question + tool instructions
+    data.max_prompt_length=3072                 # instructions + question + the forced first search [paper]
     data.truncation=error
-    actor_rollout_ref.rollout.response_length=8192  # all steps and observations: ~10k context [paper]
+    actor_rollout_ref.rollout.response_length=8192  # all steps and observations: ~11k context [paper: 10k]
     actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4096
     "actor_rollout_ref.rollout.multi_turn.tool_config_path=$tool_config"
+    "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file config agent_loop.yaml)"
     "actor_rollout_ref.model.path=$MODEL_PATH"
     actor_rollout_ref.model.enable_gradient_checkpointing=true
     actor_rollout_ref.actor.ppo_epochs=1        # [paper]

@@ -28,6 +28,7 @@ cmd=("$PYTHON" -m steppo_verl.main +platform=cpu
   "actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
   "data.train_files=$DATA_DIR/train.parquet" "data.val_files=$DATA_DIR/validation.parquet"
   "actor_rollout_ref.rollout.multi_turn.tool_config_path=$(package_file config search_tool.yaml)"
+  "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file config agent_loop.yaml)"
   "trainer.total_training_steps=$STEPS" "trainer.default_local_dir=$WORK_DIR/checkpoints"
   "hydra.run.dir=$WORK_DIR/hydra")
 mapfile -t -O "${#cmd[@]}" cmd < <(retriever_overrides)
