@@ -49,19 +49,18 @@ def step_metrics(
     """
     mask = steps.step_mask
     step_adv = gather_at_step_starts(advantages.float(), steps)[mask]
+    step_returns = gather_at_step_starts(returns.float(), steps)[mask]
     metrics = {
         **_summary("num_steps", steps.num_steps.float()),
         **_summary("step_advantage", step_adv),
-        **_summary("step_return", gather_at_step_starts(returns.float(), steps)[mask]),
+        **_summary("step_return", step_returns),
     }
     if step_adv.numel() > 1:
         metrics["steppo/step_advantage/std"] = float(step_adv.std())
     if values is not None:
         step_values = gather_at_step_starts(values.float(), steps)[mask]
         metrics.update(_summary("step_value", step_values))
-        metrics["steppo/value_explained_var"] = explained_variance(
-            step_values, gather_at_step_starts(returns.float(), steps)[mask]
-        )
+        metrics["steppo/value_explained_var"] = explained_variance(step_values, step_returns)
     if truncated is not None and truncated.numel():
         metrics["steppo/truncated_frac"] = float(truncated.float().mean())
     return metrics
