@@ -22,7 +22,8 @@ setup(
         "vllm": ["vllm>=0.24,<0.25"],
         "flash-attn": ["flash-attn>=2.8"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
-        "bench": ["rank_bm25"],  # the naive BM25 baseline of benchmarks/bench_retrieval.py
+        # rank_bm25: the naive BM25 baseline of bench_retrieval.py; matplotlib: the curves of bench_learning.py
+        "bench": ["rank_bm25", "matplotlib"],
     },
     entry_points={"verl.plugins": ["steppo = steppo_verl.plugin"]},
 )

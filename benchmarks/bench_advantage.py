@@ -3,11 +3,21 @@
     python benchmarks/bench_advantage.py                        # 1,024 x 8 steps x 4,096 tokens
     python benchmarks/bench_advantage.py --batch 256 --length 1024 --repeats 3
 
-Prints the median time of each estimator and its ratio to the baseline measured in this run (``verl gae`` for the critic-based estimators, ``verl grpo`` for the group
-ones), and writes the figures to ``benchmarks/results/advantage.json``. Also timed: a
+Prints the median time of each estimator and its ratio to the baseline measured in this run
+(``verl gae`` for the critic-based estimators, ``verl grpo`` for the group ones), and writes the
+figures to ``benchmarks/results/advantage.json`` (``--out`` to change). Also timed: a
 re-implementation of the reference StepPO code's step GAE, which works on one row per step and
 walks each trajectory's rows in Python (given the per-step rewards and values already extracted;
 building those rows is the layout cost measured by ``bench_layout.py``).
+
+Peak memory: each estimator then runs once more in a fresh process of its own (``--memory-case``),
+which reports the estimator's extra peak resident memory: the kernel's RSS high-water mark during
+the call minus the RSS just before it (outputs included, since they are the estimator's
+allocations). It is given as MiB and as a multiple of the inputs' own size, the summed
+``nbytes`` of the tensors that estimator receives (``token_level_rewards``, ``values``,
+``response_mask``, ``step_ids`` as applicable; the ``index`` uid array is excluded: it is a NumPy
+object array of ``[B]`` Python strings, not token-level data). ``--check-memory-method`` checks the
+measurement on toy allocations; the main run does this too and records the result.
 
     python benchmarks/bench_advantage.py --batch 4096 --steps 16 --length 8192 --repeats 1   # the largest
 """
@@ -15,11 +25,18 @@ building those rows is the layout cost measured by ``bench_layout.py``).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,6 +44,8 @@ from verl.trainer.ppo.core_algos import compute_gae_advantage_return, compute_gr
 
 from steppo_verl.advantage import compute_gigpo_advantage, compute_step_grpo_advantage, compute_steppo_advantage
 from steppo_verl.protocol import gather_at_step_starts, locate_steps, step_rewards
+
+MIB = 2**20
 
 
 def multi_turn_batch(batch: int, steps: int, length: int, group: int, seed: int = 0) -> dict:
@@ -64,6 +83,43 @@ def per_step_row_gae(step_rewards: list, step_values: list, gamma: float = 1.0, 
     return ((flat - flat.mean()) / (flat.std() + 1e-8)).tolist()
 
 
+def reference_case(data: dict) -> Callable[[], list]:
+    """The per-step-row GAE on rows extracted beforehand (their extraction is not timed)."""
+    r, v, m, ids = (data[k] for k in ("token_level_rewards", "values", "response_mask", "step_ids"))
+    steps = locate_steps(m, ids)
+    row_rewards = [row[mask].tolist() for row, mask in zip(step_rewards(r, steps), steps.step_mask)]
+    row_values = [row[mask].tolist() for row, mask in zip(gather_at_step_starts(v, steps), steps.step_mask)]
+    return partial(per_step_row_gae, row_rewards, row_values)
+
+
+RVM = ("token_level_rewards", "values", "response_mask")
+RM = ("token_level_rewards", "response_mask")
+
+
+def estimator_case(fn, tensors: tuple[str, ...], index: bool = False, step_ids: bool = False, **options):
+    """(token-level tensors ``fn`` receives, factory from a batch to a zero-argument call of ``fn``)."""
+    def factory(data: dict) -> Callable[[], object]:
+        args = [data[k] for k in tensors] + ([data["index"]] if index else [])
+        return partial(fn, *args, **({"step_ids": data["step_ids"]} if step_ids else {}), **options)
+
+    return (*tensors, *(["step_ids"] if step_ids else [])), factory
+
+
+# verl's grpo gets the rewards as they are: it sums them into a new tensor and never writes to them.
+CASES: dict[str, tuple[tuple[str, ...], Callable[[dict], Callable[[], object]]]] = {
+    "verl gae (token loop)": estimator_case(compute_gae_advantage_return, RVM, gamma=1.0, lam=1.0),
+    "steppo (explicit step_ids)": estimator_case(compute_steppo_advantage, RVM, step_ids=True),
+    "steppo (steps from mask)": estimator_case(compute_steppo_advantage, RVM),
+    "reference per-step rows (Python)": ((), reference_case),
+    "verl grpo": estimator_case(compute_grpo_outcome_advantage, RM, index=True),
+    "step_grpo": estimator_case(compute_step_grpo_advantage, RM, index=True, step_ids=True),
+    "gigpo (step-index anchors)": estimator_case(compute_gigpo_advantage, RM, index=True, step_ids=True),
+}
+BASELINES = {"verl gae (token loop)": ["steppo (explicit step_ids)", "steppo (steps from mask)",
+                                       "reference per-step rows (Python)"],
+             "verl grpo": ["step_grpo", "gigpo (step-index anchors)"]}
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -74,6 +130,113 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+# ----------------------------------------------------------------------------- peak memory
+# Method: Linux keeps a per-process resident-set high-water mark (VmHWM in /proc/self/status, the
+# figure ru_maxrss reports). Writing "5" to /proc/self/clear_refs resets it to the current RSS, so
+# reset -> call -> read VmHWM is the call's own peak, exact to the page, however briefly it lasted.
+# That beats both alternatives: ru_maxrss alone also remembers the peak of building the inputs
+# (and of exited threads), and a sampling thread misses peaks shorter than its interval. Before the
+# reset, glibc is asked to hand freed heap pages back (malloc_trim), or the call could reuse pages
+# freed while building the inputs and look smaller than it is. Each case runs in a fresh process so
+# no other case's allocations or freed pages are around. Linux only; the kernel batches RSS
+# counter updates per CPU, so figures are good to about a MiB.
+
+
+def _status_bytes(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def _settle_heap() -> None:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def extra_peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
+    """(peak RSS during ``fn()`` minus RSS just before it, RSS just before it), in bytes."""
+    _settle_heap()
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    outputs = fn()  # the estimator's own allocations: alive when the peak is read
+    peak = _status_bytes("VmHWM")
+    del outputs
+    return peak - before, before
+
+
+def measure_case(name: str, args: argparse.Namespace) -> dict:
+    """Run in a fresh process: build the batch, warm the estimator up on a tiny batch, measure one call."""
+    inputs, factory = CASES[name]
+    data = multi_turn_batch(args.batch, args.steps, args.length, args.group)
+    call = factory(data)
+    # Loads lazily initialised code (kernels, OpenMP pool, verl helpers) outside the measured call.
+    factory(multi_turn_batch(2 * args.group, args.steps, 8 * args.steps, args.group))()
+    extra, before = extra_peak_bytes(call)
+    input_bytes = sum(data[k].nbytes for k in inputs)
+    return {"estimator": name, "extra_peak_bytes": extra, "rss_before_bytes": before, "input_bytes": input_bytes,
+            "inputs": list(inputs), "multiple_of_inputs": extra / input_bytes if input_bytes else None}
+
+
+def _floats(mib: int) -> torch.Tensor:
+    return torch.ones(mib * MIB // 4)  # ones, not empty: untouched pages are not resident
+
+
+def _build_and_free(mib: int) -> None:
+    _floats(mib)
+
+
+def _pinned_heap() -> torch.Tensor:
+    """Leave 99 MiB of freed 1 MiB blocks in glibc's heap, pinned by the last block (returned)."""
+    _floats(4)  # a freed 4 MiB mmap raises glibc's mmap threshold, so 1 MiB blocks come from the heap
+    blocks = [_floats(1) for _ in range(100)]
+    return blocks[-1]
+
+
+# (what it shows, setup run just before the measurement, measured call, expected extra MiB)
+TOY_CHECKS = [
+    # ru_maxrss alone would report the 512 MiB of the setup
+    ("setup peaks at 512 MiB, call keeps 64 MiB", partial(_build_and_free, 512), lambda: _floats(64), 64),
+    # a buffer freed before the call returns still counts; both are alive at the peak
+    ("call peaks at 256 + 32 MiB, keeps 32 MiB", lambda: None, lambda: _floats(256)[: 32 * MIB // 4].clone(), 288),
+    # without malloc_trim the call would reuse the freed, still resident blocks and look free
+    ("call keeps 100 x 1 MiB, heap holds 99 MiB freed", _pinned_heap, lambda: [_floats(1) for _ in range(100)], 100),
+]
+
+
+def toy_checks() -> list[dict]:
+    """Run each toy check (in this process) and report expected and measured extra peak."""
+    results = []
+    for label, setup, call, expected in TOY_CHECKS:
+        kept = setup()  # alive during the measurement
+        extra, _ = extra_peak_bytes(call)
+        results.append({"check": label, "expected_mib": expected, "measured_mib": round(extra / MIB, 1)})
+        del kept
+    return results
+
+
+def _run_child(flag: list[str], args: argparse.Namespace) -> dict | list:
+    """Run this script with ``flag`` in a fresh interpreter; return the JSON it prints last."""
+    size = ["--batch", str(args.batch), "--steps", str(args.steps), "--length", str(args.length),
+            "--group", str(args.group)]
+    done = subprocess.run([sys.executable, __file__, *flag, *size], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_table(seconds: dict[str, float], memory: dict[str, dict]) -> list[dict]:
+    print(f"{'estimator':34s} {'median s':>10s} {'speed-up':>11s} {'extra peak MiB':>15s} {'x inputs':>9s}")
+    results = []
+    for base, ours in BASELINES.items():
+        for name in [base, *ours]:
+            speedup = seconds[base] / seconds[name]
+            label = "(baseline)" if name == base else f"{speedup:.1f}x"
+            peak = memory.get(name, {})
+            extra = f"{peak['extra_peak_bytes'] / MIB:,.0f}" if peak else "-"
+            multiple = f"{peak['multiple_of_inputs']:.2f}" if peak.get("multiple_of_inputs") is not None else "-"
+            print(f"{name:34s} {seconds[name]:10.4f} {label:>11s} {extra:>15s} {multiple:>9s}")
+            results.append({"estimator": name, "seconds": seconds[name], "baseline": None if name == base else base,
+                            "speedup": speedup, "memory": peak or None})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1024, help="trajectories per batch")
@@ -81,47 +244,34 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096, help="response tokens per row")
     parser.add_argument("--group", type=int, default=8, help="rollouts per prompt (group estimators)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median is reported)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory processes")
+    parser.add_argument("--memory-case", choices=list(CASES), help="(child) measure one estimator's peak memory")
+    parser.add_argument("--check-memory-method", action="store_true", help="(child) run the toy memory checks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "advantage.json")
     args = parser.parse_args()
+    if args.memory_case or args.check_memory_method:
+        print(json.dumps(measure_case(args.memory_case, args) if args.memory_case else toy_checks()))
+        return
 
     data = multi_turn_batch(args.batch, args.steps, args.length, args.group)
-    r, v, m, ids, uid = (data[k] for k in ("token_level_rewards", "values", "response_mask", "step_ids", "index"))
-    input_bytes = sum(t.numel() * t.element_size() for t in (r, v, m, ids))
-    steps = locate_steps(m, ids)
-    row_rewards = [row[mask].tolist() for row, mask in zip(step_rewards(r, steps), steps.step_mask)]
-    row_values = [row[mask].tolist() for row, mask in zip(gather_at_step_starts(v, steps), steps.step_mask)]
-    cases = {
-        "verl gae (token loop)": lambda: compute_gae_advantage_return(r, v, m, gamma=1.0, lam=1.0),
-        "steppo (explicit step_ids)": lambda: compute_steppo_advantage(r, v, m, step_ids=ids),
-        "steppo (steps from mask)": lambda: compute_steppo_advantage(r, v, m),
-        "reference per-step rows (Python)": lambda: per_step_row_gae(row_rewards, row_values),
-        "verl grpo": lambda: compute_grpo_outcome_advantage(r.clone(), m, uid),
-        "step_grpo": lambda: compute_step_grpo_advantage(r, m, uid, step_ids=ids),
-        "gigpo (step-index anchors)": lambda: compute_gigpo_advantage(r, m, uid, step_ids=ids),
-    }
-    baselines = {"verl gae (token loop)": ["steppo (explicit step_ids)", "steppo (steps from mask)",
-                                           "reference per-step rows (Python)"],
-                 "verl grpo": ["step_grpo", "gigpo (step-index anchors)"]}
-
-    seconds = {name: median_seconds(fn, args.repeats) for name, fn in cases.items()}
+    input_bytes = sum(data[k].nbytes for k in ("token_level_rewards", "values", "response_mask", "step_ids"))
+    seconds = {name: median_seconds(factory(data), args.repeats) for name, (_, factory) in CASES.items()}
+    del data
+    checks = [] if args.no_memory else _run_child(["--check-memory-method"], args)
+    for check in checks:
+        print(f"memory method check: {check['check']}: expected {check['expected_mib']} MiB, "
+              f"measured {check['measured_mib']} MiB")
+    memory = {} if args.no_memory else {name: _run_child(["--memory-case", name], args) for name in CASES}
     print(f"batch {args.batch} x {args.steps} steps x {args.length} tokens, torch threads {torch.get_num_threads()}, "
-          f"inputs {input_bytes / 2**20:,.0f} MiB")
-    print(f"{'estimator':34s} {'median s':>10s} {'speed-up vs baseline':>21s}")
-    results = []
-    for base, ours in baselines.items():
-        for name in [base, *ours]:
-            speedup = seconds[base] / seconds[name]
-            label = "(baseline)" if name == base else f"{speedup:.1f}x"
-            print(f"{name:34s} {seconds[name]:10.4f} {label:>21s}")
-            results.append({"estimator": name, "seconds": seconds[name], "baseline": None if name == base else base,
-                            "speedup": speedup})
+          f"inputs {input_bytes / MIB:,.0f} MiB (rewards, values, response_mask, step_ids)")
+    results = _print_table(seconds, memory)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "batch": args.batch, "steps": args.steps, "length": args.length, "group": args.group,
         "input_bytes": input_bytes,
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "results": results,
+        "threads": torch.get_num_threads(), "memory_method_checks": checks, "results": results,
     }, indent=2))
     print(f"wrote {args.out}")
 

@@ -7,11 +7,13 @@ The corpus is synthetic and fixed by ``--seed``: paragraphs of 60-120 words draw
 queries of 3-8 words drawn from random paragraphs. The index is built once and cached under
 ``benchmarks/results/`` (keyed by corpus size, seed and vocabulary); later runs load it.
 
-Measured: single-query latency (p50/p99), batched throughput, the same queries sent to a server process on
-loopback by concurrent clients (through one pooled ``httpx.AsyncClient``: the server's capacity; and through
-:class:`HttpRetrievalBackend`: what the search tool sees), and single-query latency of ``rank_bm25`` (pure
-Python + numpy) against our index on the same subset of the corpus. Figures are written to
-``benchmarks/results/retrieval.json``.
+Measured: single-query latency (p50/p99), batched throughput, concurrent one-query searches in-process
+through :class:`EmbeddedBM25Backend` (each in a worker thread, as the search tool and the server run them),
+the same queries sent to a server process on loopback by concurrent clients (through one
+``httpx.AsyncClient`` with a connection per client: the server's capacity, as far as httpcore's pool, whose
+bookkeeping grows with its connections, lets it show; and through :class:`HttpRetrievalBackend`: what the search
+tool sees), and single-query latency of ``rank_bm25`` (pure Python + numpy) against our index on the same subset of
+the corpus. Figures are written to ``benchmarks/results/retrieval.json``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import bm25s
 import httpx
 import numpy as np
 
-from steppo_verl.retrieval import BM25Index, HttpRetrievalBackend, Passage
+from steppo_verl.retrieval import BM25Index, EmbeddedBM25Backend, HttpRetrievalBackend, Passage
 from steppo_verl.retrieval.server import serve_in_background
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -131,7 +133,7 @@ def batched_throughput(index: BM25Index, queries: list[str], batch_size: int, mi
     return {"batch_size": batch_size, "queries": len(cycled), "queries_per_s": len(cycled) / elapsed}
 
 
-async def http_load(
+async def concurrent_load(
     send: Callable[[str], Awaitable[Any]], queries: list[str], concurrency: int, requests: int
 ) -> dict[str, float]:
     """``concurrency`` clients each sending one-query requests through ``send`` until ``requests`` are answered."""
@@ -161,13 +163,19 @@ async def pooled_client_load(url: str, queries: list[str], concurrency: int, req
             response = await client.post("/retrieve", json={"queries": [query], "topk": TOPK, "return_scores": True})
             response.raise_for_status()
 
-        return await http_load(send, queries, concurrency, requests)
+        return await concurrent_load(send, queries, concurrency, requests)
 
 
 async def tool_client_load(url: str, queries: list[str], concurrency: int, requests: int) -> dict[str, float]:
     """What the search tool sees: HttpRetrievalBackend, the client its http backend uses."""
     backend = HttpRetrievalBackend(url, timeout_s=60.0, max_retries=0)
-    return await http_load(lambda query: backend.retrieve([query], TOPK), queries, concurrency, requests)
+    return await concurrent_load(lambda query: backend.retrieve([query], TOPK), queries, concurrency, requests)
+
+
+def embedded_load(index: BM25Index, queries: list[str], concurrency: int, requests: int) -> dict[str, float]:
+    """Concurrent trajectories searching in-process: each search in a worker thread, competing for the GIL."""
+    backend = EmbeddedBM25Backend(index)
+    return asyncio.run(concurrent_load(lambda query: backend.retrieve([query], TOPK), queries, concurrency, requests))
 
 
 def naive_baseline(passages: list[Passage], queries: list[str]) -> dict[str, Any] | None:
@@ -200,7 +208,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--queries", type=int, default=500, help="single-query latency sample")
     parser.add_argument("--batched-queries", type=int, default=2048, help="queries per batched measurement")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="HTTP client counts")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent client counts")
+    parser.add_argument("--embedded-requests", type=int, default=1000, help="searches per in-process measurement")
     parser.add_argument("--http-requests", type=int, default=1000, help="requests per pooled-client measurement")
     parser.add_argument("--tool-client-requests", type=int, default=200, help="requests per tool-client measurement")
     parser.add_argument("--baseline-paragraphs", type=int, default=20_000, help="corpus subset for rank_bm25")
@@ -246,6 +255,12 @@ def main() -> None:
     for row in batched:
         print(f"{'ours, batches of ' + str(row['batch_size']):52s} {row['queries_per_s']:8.0f} queries/s")
     print(f"{'ours, one query at a time':52s} {1000 / single['mean_ms']:8.0f} queries/s")
+    embedded = []
+    for concurrency in args.concurrency:
+        row = embedded_load(index, queries, concurrency, args.embedded_requests)
+        print_latency(f"ours in-process, {concurrency} concurrent searches", row)
+        print(f"{'':52s} {row['requests_per_s']:8.0f} queries/s")
+        embedded.append(row)
 
     # The server loads the cached index in its own process; ours is dropped first to halve peak memory.
     del index
@@ -271,6 +286,7 @@ def main() -> None:
         "index": index_timing,
         "single_query": single,
         "batched": batched,
+        "embedded_concurrent": embedded,
         "http": http,
         "subset_comparison": subset,
         "target_p50_ms": 5.0,

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
+
+from steppo_verl.cpu import runs
+from steppo_verl.cpu.runs import RunResult
 
 pytestmark = pytest.mark.ray
 
 RUN_TIMEOUT_S = 900
+FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl's default bfloat16 is emulated on CPU
 
 REWARD_FN = '''
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
@@ -49,6 +50,8 @@ def cpu_overrides(tmp: Path) -> list[str]:
         "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
         "actor_rollout_ref.actor.strategy=fsdp2",
         "actor_rollout_ref.ref.strategy=fsdp2",
+        f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={FP32}",
+        f"+actor_rollout_ref.ref.fsdp_config.mixed_precision={FP32}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=4",
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
@@ -96,23 +99,13 @@ def workdir(tmp_path_factory) -> Path:
     return tmp
 
 
-def kill_session(session_id: int) -> None:
-    """Kill every process of the session ``session_id`` (the run's driver, Ray's daemons and workers)."""
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == session_id:
-                proc.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-
-
-def run_main_ppo(tmp: Path, extra: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+def run_main_ppo(tmp: Path, extra: list[str]) -> RunResult:
     """Run verl's main_ppo with the CPU overrides; see :func:`run_in_session`."""
     return run_in_session([sys.executable, "-m", "verl.trainer.main_ppo", *cpu_overrides(tmp), *extra], tmp)
 
 
-def run_in_session(cmd: list[str], tmp: Path, **env_vars: str) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a training command in a new session; returns the result, wall seconds and peak summed RSS (GiB)."""
+def run_in_session(cmd: list[str], tmp: Path, **env_vars: str) -> RunResult:
+    """Run a training command in its own session (killed afterwards, whatever happened), logged under ``tmp``."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -121,72 +114,29 @@ def run_in_session(cmd: list[str], tmp: Path, **env_vars: str) -> tuple[subproce
         **env_vars,
     }
     log = tmp / f"run_{len(list(tmp.glob('run_*.log')))}.log"
-    start, peak = time.monotonic(), 0
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp, start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if time.monotonic() - start > RUN_TIMEOUT_S:
-                    raise subprocess.TimeoutExpired(cmd, RUN_TIMEOUT_S, output=log.read_text()[-5000:])
-                peak = max(peak, session_rss(proc.pid))
-                time.sleep(0.5)
-        finally:
-            kill_session(proc.pid)
-            proc.wait()
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout=log.read_text())
-    return result, time.monotonic() - start, peak / 2**30
+    return runs.run_in_session(cmd, log, RUN_TIMEOUT_S, cwd=tmp, env=env)
 
 
-def session_rss(session_id: int) -> int:
-    total = 0
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == session_id:
-                total += proc.memory_info().rss
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return total
-
-
-def step_metrics(log: str) -> dict[int, dict[str, float]]:
-    """``{step: {metric: value}}`` from verl's console logger lines (``step:N - key:value - ...``)."""
-    steps = {}
-    for line in log.splitlines():
-        match = re.search(r"step:(\d+) - (.*)", line)
-        if match:
-            pairs = (item.split(":", 1) for item in match.group(2).split(" - ") if ":" in item)
-            steps[int(match.group(1))] = {k.strip(): float(v) for k, v in pairs if _is_number(v)}
-    return steps
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def assert_two_finite_steps(result, wall_s: float, peak_gib: float, *required: str) -> None:
-    assert result.returncode == 0, result.stdout[-5000:]
-    steps = step_metrics(result.stdout)
-    assert sorted(steps) == [1, 2], result.stdout[-5000:]
+def assert_two_finite_steps(result: RunResult, *required: str) -> None:
+    assert result.returncode == 0, result.log[-5000:]
+    steps = result.metrics
+    assert sorted(steps) == [1, 2], result.log[-5000:]
     for step, metrics in steps.items():
         for key in ("actor/pg_loss", "actor/grad_norm", "critic/score/mean", *required):
             assert key in metrics, (step, key, sorted(metrics))
             assert math.isfinite(metrics[key]), (step, key, metrics[key])
-    print(f"2-step run: {wall_s:.0f} s wall, {peak_gib:.2f} GiB peak RSS (all processes)")
+    print(f"2-step run: {result.wall_s:.0f} s wall, {result.peak_rss_gib:.2f} GiB peak RSS (all processes)")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_grpo_two_steps_on_cpu(workdir):
-    result, wall_s, peak_gib = run_main_ppo(workdir, ["algorithm.adv_estimator=grpo"])
-    assert_two_finite_steps(result, wall_s, peak_gib, "actor/ppo_kl")
+    result = run_main_ppo(workdir, ["algorithm.adv_estimator=grpo"])
+    assert_two_finite_steps(result, "actor/ppo_kl")
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_gae_with_critic_two_steps_on_cpu(workdir):
-    result, wall_s, peak_gib = run_main_ppo(
+    result = run_main_ppo(
         workdir,
         [
             "algorithm.adv_estimator=gae",
@@ -195,9 +145,10 @@ def test_gae_with_critic_two_steps_on_cpu(workdir):
             f"critic.model.path={workdir}/model",
             "+critic.model.override_config.attn_implementation=sdpa",
             "critic.ppo_micro_batch_size_per_gpu=2",
+            f"+critic.fsdp.mixed_precision={FP32}",
         ],
     )
-    assert_two_finite_steps(result, wall_s, peak_gib, "critic/vf_loss", "critic/values/mean")
+    assert_two_finite_steps(result, "critic/vf_loss", "critic/values/mean")
 
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "steppo"
@@ -210,12 +161,12 @@ def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
     # A large actor lr makes a missed weight sync visible as a rollout/actor log-prob gap at step 2.
     cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3",
            "trainer.steppo_dump.every_n_steps=1"]
-    result, wall_s, peak_gib = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2")
+    result = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2")
     assert_two_finite_steps(
-        result, wall_s, peak_gib, "critic/vf_loss", "steppo/num_steps/mean", "steppo/step_advantage/mean",
+        result, "critic/vf_loss", "steppo/num_steps/mean", "steppo/step_advantage/mean",
         "steppo/step_value/mean", "steppo/truncated_frac", "actor/step_clipfrac", "actor/step_ratio_mean",
     )
-    steps = step_metrics(result.stdout)
+    steps = result.metrics
     assert steps[1]["actor/grad_norm"] > 0, "the actor must have been updated"
     assert steps[2]["training/rollout_probs_diff_max"] < 5e-3, "the rollout server must serve the updated weights"
 

@@ -76,7 +76,7 @@ def lookup(config: dict, dotted: str):
 
 
 def test_every_script_is_valid_bash():
-    assert len(SCRIPTS) == 6
+    assert len(SCRIPTS) == 7
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -156,3 +156,48 @@ def test_cpu_smoke_dry_run_composes_the_cpu_platform_config(tmp_path):
         "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
     }.items():
         assert lookup(config, key) == value, key
+
+
+VAULT_ESTIMATORS = {
+    "steppo": {"algorithm.adv_estimator": "steppo", "critic.enable": True,
+               "actor_rollout_ref.actor.policy_loss.loss_mode": "steppo"},
+    "grpo": {"algorithm.adv_estimator": "grpo", "critic.enable": False,
+             "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
+    "gae": {"algorithm.adv_estimator": "gae", "critic.enable": True,
+            "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
+    "gigpo": {"algorithm.adv_estimator": "gigpo", "critic.enable": False,
+              "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("estimator", sorted(VAULT_ESTIMATORS))
+def test_vault_dry_run_gives_every_estimator_the_same_budget(estimator, tmp_path):
+    env = {"DRY_RUN": "1", "WORK_DIR": str(tmp_path), "ESTIMATOR": estimator, "SEED": "3", "STEPS": "5"}
+    result = run_script(RECIPE / "run_cpu_vault.sh", env)
+    assert result.returncode == 0, result.stderr
+    assert "steppo_verl.data.vault" in result.stdout and "--warm-start" in result.stdout
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert command[:5] == [sys.executable, "-m", "steppo_verl.main", "+platform=cpu", "+task=vault"]
+    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    config = yaml.safe_load(composed.stdout)
+    for key, value in {
+        **VAULT_ESTIMATORS[estimator],
+        "data.train_batch_size": 16,
+        "actor_rollout_ref.rollout.n": 4,
+        "trainer.total_training_steps": 5,
+        "actor_rollout_ref.rollout.seed": 3,
+        "data.seed": 3,
+        "reward.custom_reward_function.path": "pkg://steppo_verl.rewards.vault",
+        "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype": "fp32",
+        "trainer.default_local_dir": str(tmp_path / "runs" / f"{estimator}-3" / "checkpoints"),
+    }.items():
+        assert lookup(config, key) == value, key
+    assert lookup(config, "actor_rollout_ref.rollout.multi_turn.tool_config_path").endswith("vault_tool.yaml")
+
+
+def test_vault_rejects_an_unknown_estimator(tmp_path):
+    result = run_script(RECIPE / "run_cpu_vault.sh", {"WORK_DIR": str(tmp_path), "ESTIMATOR": "ppo"})
+    assert result.returncode != 0
+    assert "ESTIMATOR must be one of steppo, grpo, gae, gigpo" in result.stderr

@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -329,13 +329,17 @@ def _answer(queries: list[str]) -> dict:
     return {"result": [[{"document": {"id": "e", "contents": f"Echo\n{q}"}, "score": 1.5}] for q in queries]}
 
 
-def _scripted_app(attempts: Counter) -> FastAPI:
-    """A misbehaving retrieval server; ``/{mode}/retrieve`` selects the misbehaviour and counts attempts."""
+def _scripted_app(attempts: Counter, connections: defaultdict) -> FastAPI:
+    """A misbehaving retrieval server; ``/{mode}/retrieve`` selects the misbehaviour and counts attempts.
+
+    ``connections[mode]`` collects the client address of each attempt: one address per TCP connection.
+    """
     app = FastAPI()
 
     @app.post("/{mode}/retrieve")
     async def retrieve(mode: str, request: Request):
         attempts[mode] += 1
+        connections[mode].add((request.client.host, request.client.port))
         queries = (await request.json())["queries"]
         if mode == "slow":
             await asyncio.sleep(SLOW_HANDLER_S)
@@ -353,11 +357,12 @@ def _scripted_app(attempts: Counter) -> FastAPI:
 
 
 class ScriptedServer(ThreadedServer):
-    """The scripted app, counting attempts per query."""
+    """The scripted app, counting attempts and client connections per mode."""
 
     def __init__(self) -> None:
         self.attempts: Counter = Counter()
-        super().__init__(_scripted_app(self.attempts), name="scripted server")
+        self.connections: defaultdict[str, set] = defaultdict(set)
+        super().__init__(_scripted_app(self.attempts, self.connections), name="scripted server")
 
 
 @pytest.fixture(scope="module")
@@ -373,6 +378,7 @@ def scripted_server():
 @pytest.fixture
 def scripted(scripted_server) -> ScriptedServer:
     scripted_server.attempts.clear()
+    scripted_server.connections.clear()
     return scripted_server
 
 
@@ -430,3 +436,46 @@ def test_http_backend_rejects_wrong_number_of_result_lists(scripted):
 @pytest.mark.timeout(60)
 def test_http_backend_accepts_bare_documents_without_scores(scripted):
     assert _retrieve(f"{scripted.url}/bare", ["a"]) == [[Hit(contents="Bare\na", score=None, id=None)]]
+
+
+async def _search_in_turn(backend: HttpRetrievalBackend, queries: list[str]) -> list[list[Hit]]:
+    return [(await backend.retrieve([query], 3))[0] for query in queries]
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_reuses_one_connection_within_an_event_loop(scripted):
+    backend = HttpRetrievalBackend(f"{scripted.url}/echo", timeout_s=5.0)
+    hits = asyncio.run(_search_in_turn(backend, ["a", "b", "c", "d"]))
+    assert [row[0].contents for row in hits] == ["Echo\na", "Echo\nb", "Echo\nc", "Echo\nd"]
+    assert scripted.attempts["echo"] == 4 and len(scripted.connections["echo"]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_answers_a_burst_larger_than_its_pool_over_reused_connections(scripted):
+    backend = HttpRetrievalBackend(f"{scripted.url}/echo", timeout_s=5.0, max_retries=0)
+    queries = [f"q{i}" for i in range(40)]
+
+    async def burst() -> list[list[list[Hit]]]:
+        return await asyncio.gather(*(backend.retrieve([query], 3) for query in queries))
+
+    assert [hits[0][0].contents for hits in asyncio.run(burst())] == [f"Echo\n{q}" for q in queries]
+    assert scripted.attempts["echo"] == 40 and len(scripted.connections["echo"]) < 40
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_opens_new_connections_in_a_new_event_loop(scripted):
+    """A client whose loop has closed holds dead connections; reusing it would fail with 'Event loop is closed'."""
+    backend = HttpRetrievalBackend(f"{scripted.url}/echo", timeout_s=5.0, max_retries=0)
+    for _ in range(3):
+        assert asyncio.run(_search_in_turn(backend, ["a", "b"]))[1][0].contents == "Echo\nb"
+    assert scripted.attempts["echo"] == 6 and len(scripted.connections["echo"]) == 3
+
+
+@pytest.mark.timeout(60)
+def test_http_backend_serves_event_loops_in_several_threads_at_once(scripted):
+    backend = HttpRetrievalBackend(f"{scripted.url}/echo", timeout_s=5.0, max_retries=0)
+    queries = [f"q{i}" for i in range(5)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        runs = list(pool.map(lambda _: asyncio.run(_search_in_turn(backend, queries)), range(3)))
+    assert all([row[0].contents for row in hits] == [f"Echo\n{q}" for q in queries] for hits in runs)
+    assert scripted.attempts["echo"] == 15 and len(scripted.connections["echo"]) == 3

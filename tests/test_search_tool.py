@@ -283,6 +283,48 @@ def test_bad_arguments_are_explained_to_the_model(embedded_tool, parameters, pro
     assert metrics["failed"] is True and problem in metrics["error"] and metrics["num_queries"] == 0
 
 
+SLOW_INDEX_S = 0.5
+TICK_S = 0.01
+
+
+async def _ticks_during(work) -> tuple[object, int]:
+    """``work``'s result, and how often a coroutine ticking every TICK_S ran while it was awaited."""
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(TICK_S)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        return await work, ticks
+    finally:
+        ticking.cancel()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("slow", ["search", "load"])
+def test_embedded_search_leaves_the_event_loop_to_other_trajectories(load_tool, index_dir, tmp_path, monkeypatch, slow):
+    """Other trajectories' generation and tool calls share the loop; a search must not stall them."""
+    real = getattr(BM25Index, slow)
+
+    def slow_down(*args, **kwargs):
+        time.sleep(SLOW_INDEX_S)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(BM25Index, slow, slow_down if slow == "search" else staticmethod(slow_down))
+    # A fresh directory, so that the index is loaded by this call rather than already held by the process.
+    tool = load_tool(backend="embedded", index_dir=str(shutil.copytree(index_dir, tmp_path / "index")))
+
+    (response, _, metrics), ticks = asyncio.run(_ticks_during(tool.execute("id", {"query_list": ["Glass Symphony"]})))
+
+    assert first_titles(response.text) == ["Glass Symphony"] and metrics["latency_s"] >= SLOW_INDEX_S
+    # Blocked, the ticker would not run at all; free, it ticks ~SLOW_INDEX_S / TICK_S = 50 times.
+    assert ticks >= 10
+
+
 @pytest.mark.timeout(60)
 def test_verls_tool_agent_loop_gets_the_observation(embedded_tool):
     """verl's own _call_tool (create with create_kwargs, execute with agent_data, release, truncation)."""

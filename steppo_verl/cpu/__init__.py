@@ -7,7 +7,8 @@ collectives; ``platform.py``), verl's FSDP2 engines for that device, and an ``hf
 hosts: the platform is only auto-selected when torch has no accelerator, or with ``VERL_PLATFORM=cpu``.
 
 A 2-step GRPO smoke run of the tiny model (``python -m steppo_verl.cpu.tiny_model --out $MODEL``) on
-2 CPU "ranks" (``$DATA`` holds train/val parquet files in verl's layout, ``$REWARD`` a module with
+2 CPU "ranks" (``$FP32`` is ``{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}``: verl's FSDP engine
+otherwise computes in bfloat16, which most CPUs emulate several times slower; ``$DATA`` holds train/val parquet files in verl's layout, ``$REWARD`` a module with
 ``compute_score(data_source, solution_str, ground_truth, extra_info=None)``)::
 
     python -m verl.trainer.main_ppo \\
@@ -18,6 +19,8 @@ A 2-step GRPO smoke run of the tiny model (``python -m steppo_verl.cpu.tiny_mode
         actor_rollout_ref.model.path=$MODEL \\
         +actor_rollout_ref.model.override_config.attn_implementation=sdpa \\
         actor_rollout_ref.actor.strategy=fsdp2 actor_rollout_ref.ref.strategy=fsdp2 \\
+        +actor_rollout_ref.actor.fsdp_config.mixed_precision=$FP32 \\
+        +actor_rollout_ref.ref.fsdp_config.mixed_precision=$FP32 \\
         actor_rollout_ref.actor.ppo_mini_batch_size=4 \\
         actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2 \\
         actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2 \\
@@ -35,7 +38,7 @@ A 2-step GRPO smoke run of the tiny model (``python -m steppo_verl.cpu.tiny_mode
 
 With a critic, replace the first line by ``algorithm.adv_estimator=gae`` and add ``critic.enable=true
 critic.strategy=fsdp2 critic.model.path=$MODEL +critic.model.override_config.attn_implementation=sdpa
-critic.ppo_micro_batch_size_per_gpu=2``. Why the Ray settings: verl's placement groups ask for
+critic.ppo_micro_batch_size_per_gpu=2 +critic.fsdp.mixed_precision=$FP32``. Why the Ray settings: verl's placement groups ask for
 ``CPU: 3`` per rank and its resource check counts Ray ``GPU`` resources, so Ray is told of logical
 CPUs and GPUs (one GPU per rank; ``trainer.n_gpus_per_node`` = ranks); TransferQueue's default 8
 storage actors would not be scheduled on few CPUs and ``tq.init`` then waits forever.

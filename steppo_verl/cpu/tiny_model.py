@@ -12,6 +12,8 @@ Token builder for ``qwen2`` accept it. The weights are random; load the director
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -63,8 +65,16 @@ system user assistant tool Search failed: timeout. Unknown function. Invalid JSO
 """
 
 
-def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ChatML special tokens and a tool-aware chat template."""
+def build_tiny_tokenizer(
+    vocab_size: int = 600, extra_text: str = "", extra_tokens: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML special tokens and a tool-aware chat template.
+
+    ``extra_text`` (e.g. a task's rendered demonstrations) joins the training text, so that the task's
+    words become single tokens; ``extra_tokens`` become one token each wherever they occur, like
+    ``<tool_call>`` (e.g. a task's fixed tool-call boilerplate, so that a tiny model spends its capacity
+    on the decision inside the call rather than on spelling JSON).
+    """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -74,25 +84,32 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
+    tokenizer.train_from_iterator([_TRAINING_TEXT] * 4 + [extra_text], trainer=trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=SPECIAL_TOKENS[1:],
     )
-    wrapped.add_tokens(MARKUP_TOKENS)
+    wrapped.add_tokens(MARKUP_TOKENS + list(extra_tokens))
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
 
-def build_tiny_model(out_dir: str | Path, hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a random Qwen2 model and the tiny tokenizer to ``out_dir``; returns the path."""
+def build_tiny_model(
+    out_dir: str | Path,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    extra_text: str = "",
+    extra_tokens: Sequence[str] = (),
+) -> Path:
+    """Write a random Qwen2 model and the tiny tokenizer (``extra_*``: see there) to ``out_dir``."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(extra_text=extra_text, extra_tokens=extra_tokens)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -118,9 +135,30 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start", type=Path, metavar="DEMOS_JSONL",
+                        help="demonstrations: their text joins the tokenizer's, then the model is fine-tuned on them")
+    parser.add_argument("--warm-start-steps", type=int, default=300)
+    parser.add_argument("--added-tokens", type=Path, metavar="JSON", help="a JSON list of strings to make one token each")
     args = parser.parse_args()
-    path = build_tiny_model(args.out, args.hidden_size, args.layers, args.seed)
+    extra_text = demonstration_text(args.warm_start) if args.warm_start else ""
+    extra_tokens = json.loads(args.added_tokens.read_text()) if args.added_tokens else ()
+    path = build_tiny_model(args.out, args.hidden_size, args.layers, args.seed, extra_text, extra_tokens)
     print(f"wrote a tiny Qwen2 model and tokenizer to {path}")
+    if args.warm_start:
+        from steppo_verl.cpu.warm_start import warm_start
+
+        losses = warm_start(path, args.warm_start, steps=args.warm_start_steps, seed=args.seed)
+        print(f"warm start on {args.warm_start}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+
+
+def demonstration_text(demos: Path, limit: int = 200) -> str:
+    """The first ``limit`` demonstrations rendered with the chat template: tokenizer training text."""
+    template = build_tiny_tokenizer()
+    with open(demos) as lines:
+        conversations = [json.loads(line) for line, _ in zip(lines, range(limit)) if line.strip()]
+    return "".join(
+        template.apply_chat_template(c["messages"], tools=c.get("tools"), tokenize=False) for c in conversations
+    )
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ class EmbeddedBM25Backend:
         return await asyncio.to_thread(self._index.search, queries, topk)
 
 
+# httpcore's pool does per-request bookkeeping quadratic in its connections: at 32 connections a request cost more
+# client CPU than opening a new client per call did. One BM25 server process answers only a few searches at a time,
+# so more connections would move the queue from this pool to the server. Time queued here counts against the
+# attempt's deadline. All connections are kept alive, so a burst of searches does not reconnect after each answer.
+_POOL_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+
+
 class _RetryableFailure(Exception):
     """One attempt failed in a way another attempt may not (connection, timeout, 5xx)."""
 
@@ -54,6 +61,9 @@ class HttpRetrievalBackend:
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._backoff_s = backoff_s
+        # One pooled client per event loop: a client's connections belong to the loop that opened them, and verl
+        # may call tools from several loops. Each entry keeps the task that closes the client when its loop ends.
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[httpx.AsyncClient, asyncio.Task]] = {}
 
     async def retrieve(self, queries: list[str], topk: int) -> list[list[Hit]]:
         """Hits per query; raises :class:`RetrievalError` once the server has failed ``1 + max_retries`` times."""
@@ -61,16 +71,36 @@ class HttpRetrievalBackend:
             return []
         payload = {"queries": list(queries), "topk": topk, "return_scores": True}
         attempts = 1 + self._max_retries
-        # A client per call: cheap on a local server, and never bound to an event loop that has since closed.
-        async with httpx.AsyncClient(timeout=self._timeout_s, verify=self._ssl_context) as client:
-            for attempt in range(attempts):
-                try:
-                    return _parse_result(await self._post(client, payload), len(queries), self.endpoint)
-                except _RetryableFailure as failure:
-                    last_failure = failure
-                if attempt + 1 < attempts:
-                    await asyncio.sleep(self._backoff_s * 2**attempt)
+        client = self._client()
+        for attempt in range(attempts):
+            try:
+                return _parse_result(await self._post(client, payload), len(queries), self.endpoint)
+            except _RetryableFailure as failure:
+                last_failure = failure
+            if attempt + 1 < attempts:
+                await asyncio.sleep(self._backoff_s * 2**attempt)
         raise RetrievalError(f"retrieval request to {self.endpoint} failed after {attempts} attempt(s): {last_failure}")
+
+    def _client(self) -> httpx.AsyncClient:
+        """The running loop's pooled client, created at the loop's first search."""
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(loop)
+        if entry is not None:
+            return entry[0]
+        # A loop closed without cancelling its tasks never ran its closer; drop its client (GC closes the sockets).
+        for closed in [other for other in list(self._clients) if other.is_closed()]:
+            self._clients.pop(closed, None)
+        client = httpx.AsyncClient(timeout=self._timeout_s, verify=self._ssl_context, limits=_POOL_LIMITS)
+        self._clients[loop] = (client, loop.create_task(self._close_when_loop_ends(loop, client)))
+        return client
+
+    async def _close_when_loop_ends(self, loop: asyncio.AbstractEventLoop, client: httpx.AsyncClient) -> None:
+        """Close ``client`` once cancelled, as asyncio.run cancels leftover tasks before it closes the loop."""
+        try:
+            await loop.create_future()
+        finally:
+            self._clients.pop(loop, None)
+            await client.aclose()
 
     async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
         """One attempt; a 4xx answer is final (the request itself is wrong), so it raises RetrievalError."""

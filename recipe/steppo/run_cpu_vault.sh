@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The vault learning task on CPU (steppo_verl/data/vault.py): a tiny policy, warm-started on the call
+# format with random doors, learns which door is right in each room through the real trainer.
+#   PYTHON=.venv/bin/python bash recipe/steppo/run_cpu_vault.sh [hydra overrides]
+# Environment: ESTIMATOR (steppo | grpo | gae | gigpo; the same budget for each), SEED (the run's
+# sampling and data order, 0), STEPS (training steps, 12), WORK_DIR (task data and warm-started model,
+# shared by runs; default $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED),
+# PYTHON, DRY_RUN=1 (print what would run).
+source "$(dirname "$0")/common.sh"
+: "${WORK_DIR:=${TMPDIR:-/tmp}/steppo_vault}"
+: "${ESTIMATOR:=steppo}"
+: "${SEED:=0}"
+: "${STEPS:=12}"
+export HF_HUB_OFFLINE=1
+
+case "$ESTIMATOR" in
+  steppo) algorithm=() ;;  # steppo_trainer.yaml: step GAE with a critic, one clipped ratio per step
+  grpo) algorithm=(algorithm.adv_estimator=grpo critic.enable=false actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
+  gae) algorithm=(algorithm.adv_estimator=gae actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
+  gigpo) algorithm=(algorithm.adv_estimator=gigpo critic.enable=false actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
+  *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo; got '$ESTIMATOR'" ;;
+esac
+
+check_python
+mkdir -p "$WORK_DIR"
+WORK_DIR=$(cd "$WORK_DIR" && pwd)
+: "${RUN_DIR:=$WORK_DIR/runs/$ESTIMATOR-$SEED}"
+TASK_DIR=$WORK_DIR/task
+MODEL_PATH=$WORK_DIR/model
+
+[ -f "$TASK_DIR/train.parquet" ] || step "$PYTHON" -m steppo_verl.data.vault --out "$TASK_DIR"
+[ -f "$MODEL_PATH/config.json" ] || step "$PYTHON" -m steppo_verl.cpu.tiny_model --out "$MODEL_PATH" \
+  --warm-start "$TASK_DIR/demos.jsonl" --added-tokens "$TASK_DIR/added_tokens.json"
+
+cmd=("$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${algorithm[@]}"
+  "actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
+  "data.train_files=$TASK_DIR/train.parquet" "data.val_files=$TASK_DIR/val.parquet"
+  "actor_rollout_ref.rollout.multi_turn.tool_config_path=$(package_file config vault_tool.yaml)"
+  "data.seed=$SEED" "actor_rollout_ref.rollout.seed=$SEED"
+  "trainer.total_training_steps=$STEPS" "trainer.default_local_dir=$RUN_DIR/checkpoints"
+  "hydra.run.dir=$RUN_DIR/hydra")
+cmd+=("$@")
+if [ "$DRY_RUN" = 1 ]; then printf "%q " "${cmd[@]}"; echo; exit 0; fi
+exec "${cmd[@]}"
