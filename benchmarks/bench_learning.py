@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--estimators", nargs="+", default=["steppo", "grpo", "gae", "gigpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=12, help="training steps per run (the budget)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="success level for 'steps to threshold'")
+    parser.add_argument("--threshold", type=float, default=0.3, help="success level for 'steps to threshold'")
     parser.add_argument("--last", type=int, default=3, help="final success = mean over this many last steps")
     parser.add_argument("--work-dir", type=Path, default=RESULTS / "learning_runs")
     parser.add_argument("--timeout-s", type=float, default=3600, help="per run")

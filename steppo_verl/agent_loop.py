@@ -25,7 +25,8 @@ documented there.
 Limits come from verl's keys: ``rollout.response_length``, ``rollout.multi_turn.max_assistant_turns``
 (model steps), ``max_user_turns``, ``max_parallel_calls``, ``max_tool_response_length``. Our own
 options (``tool_timeout_s``, ``max_episode_seconds``, ``initial_search_tool`` for the StepPO paper's
-forced first search of the question) come from the agent-loop yaml
+forced first search of the question, ``turn_limit_is_terminal`` for tasks that end at the turn limit)
+come from the agent-loop yaml
 (``steppo_verl/config/agent_loop.yaml``). A malformed tool call, an unknown tool, a tool that
 fails or times out all become an observation for the model; the rollout never fails because of a
 tool. Every sample of a batch must use this loop, since verl requires identical keys per sample.
@@ -57,7 +58,8 @@ _KEY_BITS = 48  # keys stay exact through float64 scatter/gather
 
 
 class Ending(str, Enum):
-    """Why an episode ended; everything but ANSWER is a cut-off (the critic bootstraps)."""
+    """Why an episode ended; everything but ANSWER is a cut-off (the critic bootstraps), except a turn
+    limit that the task declares terminal (``turn_limit_is_terminal``)."""
 
     ANSWER = "answer"
     TURN_LIMIT = "turn_limit"
@@ -110,12 +112,14 @@ class StepAgentLoop(ToolAgentLoop):
         tool_timeout_s: float = 60.0,
         max_episode_seconds: float | None = None,
         initial_search_tool: str | None = None,
+        turn_limit_is_terminal: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.tool_timeout_s = tool_timeout_s
         self.max_episode_seconds = max_episode_seconds
         self.initial_search_tool = initial_search_tool
+        self.turn_limit_is_terminal = turn_limit_is_terminal
 
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
         agent_data = AgentData(
@@ -133,10 +137,15 @@ class StepAgentLoop(ToolAgentLoop):
         await self._handle_pending_state(agent_data, sampling_params)
         steps: list[_Step] = []
         ending = await self._run_steps(agent_data, sampling_params, steps)
+        # A task whose episodes end at the turn limit gives its final reward there: bootstrapping V(s_K)
+        # would let a critic's guess stand in for that outcome (with gamma = 1, a policy that loops in a
+        # rewardless state until the limit would keep whatever value the critic first gave that state).
+        truncated = ending.truncated and not (ending is Ending.TURN_LIMIT and self.turn_limit_is_terminal)
         # A length cut leaves the state after the last step incomplete (its observation, or the step
         # itself, did not fit), so only turn-limit and timeout cuts get a V(s_K) position.
-        bootstrap = self._append_bootstrap_token(agent_data) if ending in (Ending.TURN_LIMIT, Ending.TIMEOUT) else -1
-        return self._build_output(agent_data, steps, ending, bootstrap)
+        bootstraps = truncated and ending in (Ending.TURN_LIMIT, Ending.TIMEOUT)
+        bootstrap = self._append_bootstrap_token(agent_data) if bootstraps else -1
+        return self._build_output(agent_data, steps, ending, truncated, bootstrap)
 
     async def _search_the_question(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
         """The StepPO paper's forced first search: the question's results become part of the prompt (s_0).
@@ -248,7 +257,7 @@ class StepAgentLoop(ToolAgentLoop):
         return len(agent_data.response_mask) - 1
 
     def _build_output(
-        self, agent_data: AgentData, steps: list[_Step], ending: Ending, bootstrap_index: int
+        self, agent_data: AgentData, steps: list[_Step], ending: Ending, truncated: bool, bootstrap_index: int
     ) -> StepAgentLoopOutput:
         response_len = len(agent_data.response_mask)
         prompt_ids = agent_data.prompt_ids[: len(agent_data.prompt_ids) - response_len]
@@ -267,7 +276,7 @@ class StepAgentLoop(ToolAgentLoop):
             step_ids=step_ids,
             env_rewards=env_rewards,
             step_keys=step_keys,
-            truncated=ending.truncated,
+            truncated=truncated,
             bootstrap_index=bootstrap_index if bootstrap_index < len(response_ids) else -1,
         )
         output.extra_fields.update(

@@ -235,6 +235,16 @@ def test_turn_limit_truncates_and_leaves_a_bootstrap_position(tokenizer):
     assert sum(output.env_rewards) == pytest.approx(1.0)
 
 
+def test_a_terminal_turn_limit_ends_the_episode_without_bootstrap(tokenizer):
+    server = ScriptedServer(tokenizer, [call("a"), call("b"), "<answer>never</answer>"])
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2, turn_limit_is_terminal=True)
+    assert_consistent(output)
+    assert output.extra_fields["ending"] == Ending.TURN_LIMIT.value
+    assert not output.truncated and output.bootstrap_index == -1
+    assert "result for b" in observations(tokenizer, output), "the last call is still answered"
+    assert output.response_ids[-1] != tokenizer.pad_token_id, "no bootstrap token"
+
+
 def test_response_length_limit_cutting_a_step(tokenizer):
     long_turn = "word " * 200 + "..."
     server = ScriptedServer(tokenizer, [call("a"), long_turn])

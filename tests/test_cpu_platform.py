@@ -211,3 +211,28 @@ def test_process_logits_temperature_top_k_top_p():
     assert kept.tolist() == [True, True, True, False]
     penalised = process_logits(torch.tensor([2.0, -2.0, 1.0]), [0, 1], 1.0, -1, 1.0, 2.0)
     torch.testing.assert_close(penalised, torch.tensor([1.0, -4.0, 1.0]))
+
+
+def test_forward_only_models_shard_without_pinned_memory(cpu_platform, monkeypatch):
+    """The reference policy: verl's FSDP2 engine asks for pinned CPU offload, which needs an accelerator."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from verl.workers.engine.fsdp import transformer_impl
+
+    wrap_verl_functions()
+    wrap_verl_functions()
+    policy = transformer_impl.CPUOffloadPolicy(pin_memory=True)  # what verl builds for forward_only
+    assert policy.pin_memory is False
+    assert not getattr(transformer_impl.CPUOffloadPolicy.__wrapped__, "_steppo_cpu_wrapped", False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29534")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = fully_shard(torch.nn.Linear(4, 2), mesh=mesh, offload_policy=policy)
+        assert model(torch.ones(1, 4)).shape == (1, 2)
+        with pytest.raises(RuntimeError, match="accelerator"):
+            fully_shard(torch.nn.Linear(4, 2), mesh=mesh, offload_policy=policy.__class__(pin_memory=True))
+    finally:
+        dist.destroy_process_group()

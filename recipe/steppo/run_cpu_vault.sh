@@ -36,6 +36,7 @@ cmd=("$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${algorithm[@]}"
   "actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
   "data.train_files=$TASK_DIR/train.parquet" "data.val_files=$TASK_DIR/val.parquet"
   "actor_rollout_ref.rollout.multi_turn.tool_config_path=$(package_file config vault_tool.yaml)"
+  "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file config vault_agent_loop.yaml)"
   "data.seed=$SEED" "actor_rollout_ref.rollout.seed=$SEED"
   "trainer.total_training_steps=$STEPS" "trainer.default_local_dir=$RUN_DIR/checkpoints"
   "hydra.run.dir=$RUN_DIR/hydra")

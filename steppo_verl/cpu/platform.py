@@ -135,9 +135,9 @@ def register_engines() -> None:
 
 
 def wrap_verl_functions() -> None:
-    """The two verl functions wrapped for the cpu platform (idempotent); no registry or hook reaches them.
+    """The three verl callables wrapped for the cpu platform (idempotent); no registry or hook reaches them.
 
-    Both wrappers call verl's own function unchanged on every other platform.
+    Each wrapper calls verl's own callable unchanged on every other platform.
 
     1. ``verl.workers.engine_workers.initialize_global_process_group_ray``: ``TrainingWorker.__init__``
        calls it without a backend, and verl then builds ``f"cpu:gloo,{device}:{backend}"``, which on
@@ -148,6 +148,10 @@ def wrap_verl_functions() -> None:
        flash-attn does not exist on CPU. On the cpu platform the critic loads its token-classification
        head with the attention implementation from the model config (``override_config``), as the
        actor does. (verl's fallback, trl's value-head model, hard-codes flash attention too.)
+    3. ``CPUOffloadPolicy`` as named in ``verl.workers.engine.fsdp.transformer_impl``: verl builds every
+       forward-only FSDP2 model (the reference policy of a KL loss) with ``pin_memory=True``, and pinning
+       host memory needs an accelerator ("Cannot access accelerator device"). On the cpu platform the
+       parameters live in host memory anyway, so the policy is built without pinning.
     """
     from verl.utils import model as verl_model
     from verl.utils.device import get_device_name, get_nccl_backend
@@ -184,3 +188,15 @@ def wrap_verl_functions() -> None:
         load_valuehead_model._steppo_cpu_wrapped = True
         load_valuehead_model.__wrapped__ = load_value_model
         verl_model.load_valuehead_model = load_valuehead_model
+
+    from verl.workers.engine.fsdp import transformer_impl
+
+    offload_policy = transformer_impl.CPUOffloadPolicy
+    if not getattr(offload_policy, "_steppo_cpu_wrapped", False):
+
+        def cpu_offload_policy(pin_memory=True):
+            return offload_policy(pin_memory=pin_memory and get_device_name() != PLATFORM_NAME)
+
+        cpu_offload_policy._steppo_cpu_wrapped = True
+        cpu_offload_policy.__wrapped__ = offload_policy
+        transformer_impl.CPUOffloadPolicy = cpu_offload_policy

@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-start", type=Path, metavar="DEMOS_JSONL",
                         help="demonstrations: their text joins the tokenizer's, then the model is fine-tuned on them")
-    parser.add_argument("--warm-start-steps", type=int, default=300)
+    parser.add_argument("--warm-start-steps", type=int, default=500)
     parser.add_argument("--added-tokens", type=Path, metavar="JSON", help="a JSON list of strings to make one token each")
     args = parser.parse_args()
     extra_text = demonstration_text(args.warm_start) if args.warm_start else ""

@@ -38,7 +38,7 @@ def render(tokenizer: PreTrainedTokenizerBase, conversation: dict[str, Any]) -> 
     return encoded["input_ids"], mask
 
 
-def warm_start(model_dir: str | Path, demos: str | Path, steps: int = 300, batch_size: int = 32, lr: float = 3e-3,
+def warm_start(model_dir: str | Path, demos: str | Path, steps: int = 500, batch_size: int = 32, lr: float = 3e-3,
                seed: int = 0) -> list[float]:
     """Fine-tune the model in ``model_dir`` on the assistant turns of ``demos``; saves it in place.
 

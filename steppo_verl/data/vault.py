@@ -1,4 +1,4 @@
-"""The vault task: a small multi-step task with a delayed reward that a tiny model learns on CPU.
+"""The vault task: a small multi-step task with a delayed reward, for learning runs of a tiny model on CPU.
 
     python -m steppo_verl.data.vault --out DIR [--chains 4 --depth 3 --seed 0]
 
@@ -23,9 +23,10 @@ Why this design:
 - The answer is a report, not a copy of the code: a 100k-parameter model warm-started for a minute does
   not learn to copy a word from its context (tried: no better than chance after 400 steps), and the
   task is about the doors. The code only proves the opening to the reward.
-- It is learnable on CPU in minutes: each step is one short tool call, the policy only has to learn
-  which door is right in each of ``chains * depth`` rooms, and the untrained policy already succeeds
-  sometimes (``(1/2)**depth`` with two doors), so the first batches carry signal.
+- It is small enough for CPU: each step is one short tool call (6 tokens with the boilerplate as
+  added tokens), the policy only has to learn which door is right in each of ``chains * depth``
+  rooms, and the untrained policy already succeeds sometimes (``(1/2)**depth`` with two doors), so
+  the first batches carry signal. (What training runs show so far: benchmarks/README.md.)
 - The untrained policy is a format warm start: the demonstrations call the tool correctly and answer
   according to the last observation, but pick every door uniformly at random, and their outcomes do not
   depend on the doors (:func:`demonstration`). So its success rate is the random-door baseline, and whatever
