@@ -4,7 +4,7 @@
     python benchmarks/bench_learning.py --estimators steppo grpo --seeds 0 --steps 6
 
 Every run is ``recipe/steppo/run_cpu_vault.sh`` with ``ESTIMATOR`` and ``SEED``: the same task and the same
-warm-started tiny policy (built once in ``--work-dir``), 16 prompts x 4 rollouts per step, the same number
+warm-started tiny policy (built once in ``--work-dir``), 8 prompts x 8 rollouts per step, the same number
 of steps. Success at a step is verl's ``critic/score/mean`` for that step's rollouts (sampled at temperature
 1, before the step's update): the fraction that opened the vault and answered ``open``. Step 1's rollouts
 come from the untrained policy, so its success is the baseline every run starts from.
@@ -90,7 +90,7 @@ def plot(curves: dict[str, dict[int, list[float]]], path: Path) -> None:
         per_step = list(zip(*runs.values()))
         ax.plot(steps, [statistics.mean(v) for v in per_step], label=f"{estimator} ({len(runs)} seeds)")
         ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.15)
-    ax.set_xlabel("training step (16 prompts x 4 rollouts)")
+    ax.set_xlabel("training step (8 prompts x 8 rollouts)")
     ax.set_ylabel("success of the step's rollouts")
     ax.set_title("Vault task on CPU: tiny warm-started policy, real verl trainer")
     ax.set_ylim(0, 1)
@@ -104,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--estimators", nargs="+", default=["steppo", "grpo", "gae", "gigpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=12, help="training steps per run (the budget)")
+    parser.add_argument("--steps", type=int, default=10, help="training steps per run (the budget)")
     parser.add_argument("--threshold", type=float, default=0.3, help="success level for 'steps to threshold'")
     parser.add_argument("--last", type=int, default=3, help="final success = mean over this many last steps")
     parser.add_argument("--work-dir", type=Path, default=RESULTS / "learning_runs")

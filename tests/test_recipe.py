@@ -184,8 +184,8 @@ def test_vault_dry_run_gives_every_estimator_the_same_budget(estimator, tmp_path
     config = yaml.safe_load(composed.stdout)
     for key, value in {
         **VAULT_ESTIMATORS[estimator],
-        "data.train_batch_size": 16,
-        "actor_rollout_ref.rollout.n": 4,
+        "data.train_batch_size": 8,
+        "actor_rollout_ref.rollout.n": 8,
         "trainer.total_training_steps": 5,
         "actor_rollout_ref.rollout.seed": 3,
         "data.seed": 3,

@@ -3,14 +3,14 @@
 # format with random doors, learns which door is right in each room through the real trainer.
 #   PYTHON=.venv/bin/python bash recipe/steppo/run_cpu_vault.sh [hydra overrides]
 # Environment: ESTIMATOR (steppo | grpo | gae | gigpo; the same budget for each), SEED (the run's
-# sampling and data order, 0), STEPS (training steps, 12), WORK_DIR (task data and warm-started model,
+# sampling and data order, 0), STEPS (training steps, 10), WORK_DIR (task data and warm-started model,
 # shared by runs; default $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED),
 # PYTHON, DRY_RUN=1 (print what would run).
 source "$(dirname "$0")/common.sh"
 : "${WORK_DIR:=${TMPDIR:-/tmp}/steppo_vault}"
 : "${ESTIMATOR:=steppo}"
 : "${SEED:=0}"
-: "${STEPS:=12}"
+: "${STEPS:=10}"
 export HF_HUB_OFFLINE=1
 
 case "$ESTIMATOR" in

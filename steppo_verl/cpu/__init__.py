@@ -7,8 +7,9 @@ collectives; ``platform.py``), verl's FSDP2 engines for that device, and an ``hf
 hosts: the platform is only auto-selected when torch has no accelerator, or with ``VERL_PLATFORM=cpu``.
 
 A 2-step GRPO smoke run of the tiny model (``python -m steppo_verl.cpu.tiny_model --out $MODEL``) on
-2 CPU "ranks" (``$FP32`` is ``{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}``: verl's FSDP engine
-otherwise computes in bfloat16, which most CPUs emulate several times slower; ``$DATA`` holds train/val parquet files in verl's layout, ``$REWARD`` a module with
+2 CPU "ranks" (``$FP32`` is ``{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}``: verl's FSDP
+engine otherwise computes in bfloat16, which most CPUs emulate several times slower; ``$DATA`` holds
+train/val parquet files in verl's layout, ``$REWARD`` a module with
 ``compute_score(data_source, solution_str, ground_truth, extra_info=None)``)::
 
     python -m verl.trainer.main_ppo \\

@@ -1,6 +1,6 @@
 """The vault task: a small multi-step task with a delayed reward, for learning runs of a tiny model on CPU.
 
-    python -m steppo_verl.data.vault --out DIR [--chains 4 --depth 3 --seed 0]
+    python -m steppo_verl.data.vault --out DIR [--chains 1 --depth 3 --seed 0]
 
 writes ``DIR/train.parquet`` and ``DIR/val.parquet`` (verl rows for ``steppo_agent`` with the
 ``open_door`` tool, :mod:`steppo_verl.tools.vault`), ``DIR/demos.jsonl`` (format demonstrations for the
@@ -26,7 +26,9 @@ Why this design:
 - It is small enough for CPU: each step is one short tool call (6 tokens with the boilerplate as
   added tokens), the policy only has to learn which door is right in each of ``chains * depth``
   rooms, and the untrained policy already succeeds sometimes (``(1/2)**depth`` with two doors), so
-  the first batches carry signal. (What training runs show so far: benchmarks/README.md.)
+  the first batches carry signal. One chain by default: every chain divides the visits each room gets
+  (with 4 chains a third room saw ~4 of a step's 64 rollouts, and no estimator got far in 10 steps).
+  What training runs show: benchmarks/README.md.
 - The untrained policy is a format warm start: the demonstrations call the tool correctly and answer
   according to the last observation, but pick every door uniformly at random, and their outcomes do not
   depend on the doors (:func:`demonstration`). So its success rate is the random-door baseline, and whatever
@@ -48,7 +50,7 @@ from typing import Any
 import pandas as pd
 
 from steppo_verl.rewards.vault import OPENED_ANSWER
-from steppo_verl.tools.vault import DEAD_END, VaultPath
+from steppo_verl.tools.vault import DEAD_END, VaultPath, VaultTool, schema_doors
 
 from .output import AGENT_NAME
 
@@ -70,13 +72,14 @@ def tool_config_path() -> Path:
     return Path(str(resources.files("steppo_verl") / "config" / "vault_tool.yaml"))
 
 
-def tool_schema() -> dict[str, Any]:
-    """The ``open_door`` schema exactly as verl's tool agent loop renders it into the prompt."""
+def load_tool() -> VaultTool:
+    """The ``open_door`` tool as verl builds it from the packaged yaml (its schema is what verl's tool agent
+    loop renders into the prompt)."""
     from verl.tools.tool_registry import initialize_tools_from_config
 
     with contextlib.redirect_stdout(io.StringIO()):  # verl's BaseTool prints every schema it is given
         (tool,) = initialize_tools_from_config(str(tool_config_path()))
-    return tool.tool_schema.model_dump(exclude_unset=True, exclude_none=True)
+    return tool
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,9 @@ def demonstration(world: VaultWorld, chain: int, code: str, doors: tuple[str, ..
 def write_task(out_dir: Path, num_chains: int, depth: int, seed: int, num_demos: int,
                val_codes: int) -> dict[str, Any]:
     """Write the dataset, the demonstrations and the world; returns the world description."""
-    schema = tool_schema()
-    doors = tuple(schema["function"]["parameters"]["properties"]["door"]["enum"])
+    tool = load_tool()
+    doors = schema_doors(tool.tool_schema)
+    schema = tool.tool_schema.model_dump(exclude_unset=True, exclude_none=True)
     world = VaultWorld.generate(num_chains, depth, doors, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = {"train": CODES[val_codes:], "val": CODES[:val_codes]}
@@ -185,7 +189,8 @@ def write_task(out_dir: Path, num_chains: int, depth: int, seed: int, num_demos:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the parquet files and demos")
-    parser.add_argument("--chains", type=int, default=4, help="chains of rooms (start rooms)")
+    parser.add_argument("--chains", type=int, default=1,
+                        help="chains of rooms (start rooms); every chain multiplies the rooms to learn")
     parser.add_argument("--depth", type=int, default=3, help="doors to get right before the vault")
     parser.add_argument("--seed", type=int, default=0, help="world and demonstration seed")
     parser.add_argument("--demos", type=int, default=1024, help="warm-start demonstrations")

@@ -75,7 +75,7 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _gold_answers(ground_truth: Any) -> list[str]:
+def gold_answers(ground_truth: Any) -> list[str]:
     """The accepted answers as a non-empty list of non-blank strings.
 
     verl hands over parquet list columns as numpy arrays, so those are accepted like lists. A blank
@@ -119,7 +119,7 @@ def compute_score(
     """
     if metric not in ("em", "f1"):
         raise ValueError(f"unknown metric {metric!r}; expected 'em' or 'f1'")
-    golds = _gold_answers(ground_truth)
+    golds = gold_answers(ground_truth)
     prediction = extract_answer(solution_str)
     if prediction is None:
         scores = {"em": 0.0, "f1": 0.0}

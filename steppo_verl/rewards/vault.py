@@ -10,7 +10,7 @@ other observation shows and the policy cannot know before the vault opens, so th
 
 from typing import Any
 
-from steppo_verl.rewards.qa import extract_answer
+from steppo_verl.rewards.qa import extract_answer, gold_answers
 from steppo_verl.tools.vault import vault_observation
 
 OPENED_ANSWER = "open"
@@ -19,7 +19,7 @@ OPENED_ANSWER = "open"
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any) -> float:
     """1.0 if ``solution_str`` holds the vault's observation for ``ground_truth`` (the code) and its last
     ``<answer>`` is ``open``; 0.0 otherwise."""
-    code = ground_truth if isinstance(ground_truth, str) else list(ground_truth)[0]
+    code = gold_answers(ground_truth)[0]
     answer = extract_answer(solution_str)
-    opened = vault_observation(str(code)) in solution_str
+    opened = vault_observation(code) in solution_str
     return float(opened and answer is not None and answer.lower() == OPENED_ANSWER)
