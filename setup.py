@@ -16,7 +16,22 @@ setup(
     packages=find_packages(include=["steppo_verl", "steppo_verl.*"]),
     include_package_data=True,
     package_data={"steppo_verl": ["**/*.yaml", "**/*.json", "**/*.jsonl"]},
-    install_requires=["verl>=0.9.1,<0.10", "bm25s>=0.3", "PyStemmer>=3.0"],
+    # Every third-party package steppo_verl imports by name, beyond those verl requires itself (numpy, pandas,
+    # pyarrow, datasets, hydra-core, ray, transformers with tokenizers). fastapi and uvicorn come only with
+    # verl[verl-core], httpx and psutil with no verl extra; pydantic and starlette arrive with fastapi but are
+    # imported by name. Users: the retrieval server and client (httpx, fastapi, starlette, pydantic, uvicorn)
+    # and the cpu platform (psutil).
+    install_requires=[
+        "verl>=0.9.1,<0.10",
+        "bm25s>=0.3",
+        "PyStemmer>=3.0",
+        "psutil>=5.9",
+        "httpx>=0.24",
+        "fastapi>=0.100",
+        "starlette",
+        "pydantic>=2",
+        "uvicorn>=0.22",
+    ],
     extras_require={
         # GPU nodes: the rollout engine verl 0.9.1 is tested with, and flash attention.
         "vllm": ["vllm>=0.24,<0.25"],

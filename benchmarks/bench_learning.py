@@ -1,16 +1,22 @@
-"""Learning on the vault task: StepPO vs GRPO vs token-level PPO (``gae``) vs GiGPO, several seeds, one budget.
+"""Learning on the vault task: StepPO against GRPO, token-level PPO (``gae``) and GiGPO, and StepPO's ablations,
+over several seeds and worlds at one budget.
 
-    python benchmarks/bench_learning.py                                  # 4 estimators x 3 seeds
-    python benchmarks/bench_learning.py --estimators steppo grpo --seeds 0 --steps 6
+    python benchmarks/bench_learning.py --arms steppo grpo --seeds 0 1 2 3 4 --worlds 0 1 2 --steps 20
+    python benchmarks/bench_learning.py --arms steppo grpo --seeds 0 --worlds 0 --steps 6     # a quick look
+    python benchmarks/bench_learning.py --list-arms
 
-Every run is ``recipe/steppo/run_cpu_vault.sh`` with ``ESTIMATOR`` and ``SEED``: the same task and the same
-warm-started tiny policy (built once in ``--work-dir``), 8 prompts x 8 rollouts per step, the same number
-of steps. Success at a step is verl's ``critic/score/mean`` for that step's rollouts (sampled at temperature
-1, before the step's update): the fraction that opened the vault and answered ``open``. Step 1's rollouts
-come from the untrained policy, so its success is the baseline every run starts from.
+Every run is ``recipe/steppo/run_cpu_vault.sh`` with the arm's ``ESTIMATOR`` and hydra overrides, a ``SEED``
+(data order and sampling) and a ``WORLD`` (the vault's layout, i.e. which door is right in each room; each world
+has its own task data and warm-started tiny policy, built once in ``--work-dir``): 8 prompts x 8 rollouts per
+step, the same number of steps for every arm. Success at a step is verl's ``critic/score/mean`` for that step's
+rollouts (sampled at temperature 1, before the step's update); step 1 measures the untrained policy.
 
-Writes ``benchmarks/results/learning.json`` (every run's curve), ``learning.md`` (the table) and
-``learning.png`` (mean curve per estimator, with the seeds' range).
+Reported per arm, over all its runs (seeds x worlds): success per step with a 95% bootstrap interval (runs
+resampled), steps to ``--threshold`` success (median over runs; a run that never gets there counts as
+``steps + 1``), the area under the success curve (mean success over the steps) with its interval, and the
+critic's error at repeated states (``steppo/critic/state_abs_error``) at the last step where the arm has a critic.
+Writes ``benchmarks/results/learning.json`` (every run's curves), ``learning.md`` (the table) and
+``learning.png`` (mean curves with intervals).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 from pathlib import Path
@@ -28,102 +35,175 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipe" / "steppo" / "run_cpu_vault.sh"
 RESULTS = Path(__file__).parent / "results"
 SUCCESS = "critic/score/mean"
+CRITIC_ERROR = "steppo/critic/state_abs_error"
+
+# name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides). One change per ablation, against `steppo`.
+ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "steppo": ("steppo", ()),
+    "grpo": ("grpo", ()),
+    "gae": ("gae", ()),
+    "gigpo": ("gigpo", ()),
+    # StepPO's estimator with verl's token loss: separates the estimator from the step loss
+    "steppo+vanilla_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+                                       "actor_rollout_ref.actor.clip_ratio_low=0.2",
+                                       "actor_rollout_ref.actor.clip_ratio_high=0.2")),
+    "steppo+step_mean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_step_mean",)),
+    "steppo+clip0.2": ("steppo", ("actor_rollout_ref.actor.clip_ratio_low=0.2",
+                                  "actor_rollout_ref.actor.clip_ratio_high=0.2")),
+    "steppo+token_value_loss": ("steppo", ("algorithm.steppo.value_loss=tokens",)),
+    "steppo+critic_warmup2": ("steppo", ("trainer.critic_warmup=2",)),
+    "steppo+critic_epochs4": ("steppo", ("critic.ppo_epochs=4",)),
+    "steppo+lam0.9": ("steppo", ("algorithm.lam=0.9",)),
+    "steppo+lam0.5": ("steppo", ("algorithm.lam=0.5",)),
+    "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
+}
 
 
-def run_one(estimator: str, seed: int, steps: int, work_dir: Path, timeout_s: float) -> list[float]:
-    """One training run; returns the success of each step, in order."""
-    run_dir = work_dir / "runs" / f"{estimator}-{seed}"
+def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout_s: float,
+            extra: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
+    """One training run; returns per-step success and critic error (None where not reported), in step order."""
+    estimator, overrides = ARMS[arm]
+    world_dir = work_dir / f"world{world}"
+    run_dir = world_dir / "runs" / f"{arm}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHON": sys.executable, "WORK_DIR": str(work_dir), "RUN_DIR": str(run_dir),
-           "ESTIMATOR": estimator, "SEED": str(seed), "STEPS": str(steps), "RAY_DEDUP_LOGS": "0"}
-    result = run_in_session(["bash", str(RECIPE)], run_dir / "train.log", timeout_s, cwd=run_dir, env=env)
+    env = {**os.environ, "PYTHON": sys.executable, "WORK_DIR": str(world_dir), "RUN_DIR": str(run_dir),
+           "ESTIMATOR": estimator, "SEED": str(seed), "WORLD": str(world), "STEPS": str(steps),
+           "RAY_DEDUP_LOGS": "0"}
+    result = run_in_session(["bash", str(RECIPE), *overrides, *extra], run_dir / "train.log", timeout_s,
+                            cwd=run_dir, env=env)
     metrics = result.metrics
     if result.returncode != 0 or sorted(metrics) != list(range(1, steps + 1)):
-        raise RuntimeError(f"{estimator} seed {seed} failed (exit {result.returncode}); see {run_dir / 'train.log'}")
-    print(f"{estimator} seed {seed}: {result.wall_s:.0f} s, success "
-          + " ".join(f"{metrics[s][SUCCESS]:.2f}" for s in sorted(metrics)), flush=True)
-    return [metrics[s][SUCCESS] for s in sorted(metrics)]
+        raise RuntimeError(f"{arm} seed {seed} world {world} failed (exit {result.returncode}); "
+                           f"see {run_dir / 'train.log'}")
+    curve = {"success": [metrics[s][SUCCESS] for s in sorted(metrics)],
+             "critic_error": [metrics[s].get(CRITIC_ERROR) for s in sorted(metrics)],
+             "wall_s": result.wall_s}
+    print(f"{arm} seed {seed} world {world}: {result.wall_s:.0f} s, success "
+          + " ".join(f"{x:.2f}" for x in curve["success"]), flush=True)
+    return curve
 
 
-def steps_to(curve: list[float], threshold: float) -> int | None:
-    """The first step (1-based) whose success reaches ``threshold``; None if none does."""
-    return next((step for step, success in enumerate(curve, start=1) if success >= threshold), None)
+def steps_to(curve: list[float], threshold: float) -> int:
+    """The first step (1-based) whose success reaches ``threshold``; ``len(curve) + 1`` if none does."""
+    return next((step for step, success in enumerate(curve, start=1) if success >= threshold), len(curve) + 1)
 
 
-def summarise(curves: dict[str, dict[int, list[float]]], threshold: float, last: int) -> list[dict]:
-    """Per estimator: baseline (step 1), final success (mean of the last ``last`` steps), steps to threshold."""
+def bootstrap_interval(values: list[float], rng: random.Random, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (runs resampled with replacement)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def summarise(runs: dict[str, list[dict]], threshold: float, seed: int = 0) -> list[dict]:
+    """Per arm: curve mean and interval per step, steps to threshold, area under the curve, critic error."""
+    rng = random.Random(seed)
     rows = []
-    for estimator, runs in curves.items():
-        finals = [statistics.mean(curve[-last:]) for curve in runs.values()]
-        reached = [steps_to(curve, threshold) for curve in runs.values()]
+    for arm, arm_runs in runs.items():
+        curves = [run["success"] for run in arm_runs]
+        per_step = list(zip(*curves))
+        auc = [statistics.fmean(curve) for curve in curves]
+        reached = [steps_to(curve, threshold) for curve in curves]
+        errors = [run["critic_error"][-1] for run in arm_runs if run["critic_error"][-1] is not None]
         rows.append({
-            "estimator": estimator,
-            "seeds": len(runs),
-            "baseline": statistics.mean(curve[0] for curve in runs.values()),
-            "final_mean": statistics.mean(finals),
-            "final_min": min(finals),
-            "final_max": max(finals),
+            "arm": arm,
+            "runs": len(arm_runs),
+            "mean_curve": [statistics.fmean(step) for step in per_step],
+            "curve_interval": [bootstrap_interval(list(step), rng) for step in per_step],
             "steps_to_threshold": reached,
+            "median_steps_to_threshold": statistics.median(reached),
+            "auc": statistics.fmean(auc),
+            "auc_interval": bootstrap_interval(auc, rng),
+            "final": statistics.fmean(curve[-1] for curve in curves),
+            "final_interval": bootstrap_interval([curve[-1] for curve in curves], rng),
+            "critic_error_last": statistics.fmean(errors) if errors else None,
         })
     return rows
 
 
-def table(rows: list[dict], threshold: float, last: int) -> str:
-    lines = [f"| estimator | seeds | success at step 1 (untrained) | final success (mean of last {last} steps) "
-             f"[min, max] | steps to {threshold:.0%} per seed |", "|---|---:|---:|---:|---|"]
+def table(rows: list[dict], threshold: float, steps: int) -> str:
+    lines = [f"| arm | runs | step 1 | final (step {steps}) [95% CI] | mean success over steps (AUC) [95% CI] | "
+             f"steps to {threshold:.0%}: median (per run; {steps + 1} = not reached) | critic abs. error at "
+             "repeated states, last step |",
+             "|---|---:|---:|---:|---:|---|---:|"]
     for row in rows:
-        reached = ", ".join("-" if step is None else str(step) for step in row["steps_to_threshold"])
-        lines.append(f"| `{row['estimator']}` | {row['seeds']} | {row['baseline']:.2f} | {row['final_mean']:.2f} "
-                     f"[{row['final_min']:.2f}, {row['final_max']:.2f}] | {reached} |")
+        reached = ", ".join(str(step) for step in row["steps_to_threshold"])
+        error = "-" if row["critic_error_last"] is None else f"{row['critic_error_last']:.2f}"
+        lines.append(
+            f"| `{row['arm']}` | {row['runs']} | {row['mean_curve'][0]:.2f} | {row['final']:.2f} "
+            f"[{row['final_interval'][0]:.2f}, {row['final_interval'][1]:.2f}] | {row['auc']:.3f} "
+            f"[{row['auc_interval'][0]:.3f}, {row['auc_interval'][1]:.3f}] | {row['median_steps_to_threshold']:g} "
+            f"({reached}) | {error} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(curves: dict[str, dict[int, list[float]]], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for estimator, runs in curves.items():
-        steps = range(1, len(next(iter(runs.values()))) + 1)
-        per_step = list(zip(*runs.values()))
-        ax.plot(steps, [statistics.mean(v) for v in per_step], label=f"{estimator} ({len(runs)} seeds)")
-        ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.15)
+    for row in rows:
+        steps = range(1, len(row["mean_curve"]) + 1)
+        ax.plot(steps, row["mean_curve"], label=f"{row['arm']} ({row['runs']} runs)")
+        ax.fill_between(steps, [lo for lo, _ in row["curve_interval"]], [hi for _, hi in row["curve_interval"]],
+                        alpha=0.15)
     ax.set_xlabel("training step (8 prompts x 8 rollouts)")
     ax.set_ylabel("success of the step's rollouts")
-    ax.set_title("Vault task on CPU: tiny warm-started policy, real verl trainer")
+    ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--estimators", nargs="+", default=["steppo", "grpo", "gae", "gigpo"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=10, help="training steps per run (the budget)")
-    parser.add_argument("--threshold", type=float, default=0.3, help="success level for 'steps to threshold'")
-    parser.add_argument("--last", type=int, default=3, help="final success = mean over this many last steps")
+    parser.add_argument("--arms", nargs="+", default=["steppo", "grpo", "gae", "gigpo"], choices=sorted(ARMS))
+    parser.add_argument("--list-arms", action="store_true", help="print the arms and their overrides, then exit")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--worlds", nargs="+", type=int, default=[0, 1, 2], help="vault world seeds")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per run (the budget)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="success level for 'steps to threshold'")
+    parser.add_argument("--override", action="append", default=[], help="a hydra override added to every run")
     parser.add_argument("--work-dir", type=Path, default=RESULTS / "learning_runs")
     parser.add_argument("--timeout-s", type=float, default=3600, help="per run")
     parser.add_argument("--out", type=Path, default=RESULTS / "learning.json")
+    parser.add_argument("--from-json", type=Path, help="no runs: summarise and plot the runs of an earlier --out")
     args = parser.parse_args()
+    if args.list_arms:
+        for name, (estimator, overrides) in ARMS.items():
+            print(f"{name}: ESTIMATOR={estimator} {' '.join(overrides)}")
+        return
+    if args.from_json:
+        earlier = json.loads(args.from_json.read_text())
+        report(earlier["runs"], earlier["threshold"], earlier["steps"], args.from_json, "Vault task on CPU")
+        return
 
-    curves: dict[str, dict[int, list[float]]] = {}
-    for estimator in args.estimators:
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    # Worlds outermost, arms innermost: an interrupted benchmark still compares every arm on the same worlds.
+    for world in args.worlds:
         for seed in args.seeds:
-            curves.setdefault(estimator, {})[seed] = run_one(estimator, seed, args.steps, args.work_dir, args.timeout_s)
-    rows = summarise(curves, args.threshold, args.last)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"steps": args.steps, "threshold": args.threshold, "curves": curves,
-                                    "summary": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(table(rows, args.threshold, args.last))
-    plot(curves, args.out.with_suffix(".png"))
-    print(table(rows, args.threshold, args.last))
-    print(f"wrote {args.out}, {args.out.with_suffix('.md')} and {args.out.with_suffix('.png')}")
+            for arm in args.arms:
+                curve = run_one(arm, seed, world, args.steps, args.work_dir, args.timeout_s, tuple(args.override))
+                runs[arm].append({"seed": seed, "world": world, **curve})
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"steps": args.steps, "threshold": args.threshold, "runs": runs},
+                                               indent=1))
+    report(runs, args.threshold, args.steps, args.out, f"Vault task on CPU: seeds {args.seeds}, worlds {args.worlds}")
+
+
+def report(runs: dict[str, list[dict]], threshold: float, steps: int, out: Path, title: str) -> None:
+    """Write the summary into ``out`` (JSON), its table (``.md``) and the curves (``.png``)."""
+    rows = summarise(runs, threshold)
+    out.write_text(json.dumps({"steps": steps, "threshold": threshold, "runs": runs, "summary": rows}, indent=1))
+    out.with_suffix(".md").write_text(table(rows, threshold, steps))
+    plot(rows, out.with_suffix(".png"), f"{title}; mean and 95% bootstrap interval over runs")
+    print(table(rows, threshold, steps))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

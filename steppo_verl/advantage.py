@@ -14,6 +14,7 @@ extra keyword arguments from the StepPO trainer.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -63,20 +64,74 @@ def _check_factor(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+# ----------------------------------------------------------------------------- dtypes and outputs
+
+
+def _compute_dtype(token_level_rewards: torch.Tensor) -> torch.dtype:
+    """At least float32: integer or bool rewards (and bf16/fp16 ones) are computed in float32."""
+    return torch.promote_types(token_level_rewards.dtype, torch.float32)
+
+
+def _output_dtype(token_level_rewards: torch.Tensor) -> torch.dtype:
+    """The rewards' own float dtype; float32 for integer or bool rewards (an advantage is never integral)."""
+    return token_level_rewards.dtype if token_level_rewards.dtype.is_floating_point else torch.float32
+
+
+def _finite_to_tokens(name: str, step_values: torch.Tensor, steps: Steps, dtype: torch.dtype) -> torch.Tensor:
+    """Cast ``[B, K]`` per-step outputs to ``dtype`` and broadcast them to ``[B, L]`` step tokens.
+
+    The inputs were checked finite, so NaN/inf here means finite inputs overflowed (rewards near
+    the float32 maximum, summed or squared). Checked on ``[B, K]``, which costs nothing next to
+    the ``[B, L]`` passes.
+    """
+    cast = step_values.to(dtype)
+    bad = steps.step_mask & ~torch.isfinite(cast)
+    if bool(bad.any()):
+        sample, step = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} overflowed to {cast[sample, step].item()} at sample {sample}, step {step}: the rewards "
+            f"(or values) are finite but too large to compute in {str(dtype).removeprefix('torch.')}; rescale them"
+        )
+    return scatter_to_tokens(cast, steps)
+
+
 # ----------------------------------------------------------------------------- step maths
 
 
-def discounted_reverse_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """``y[:, k] = sum_{j >= k} factor**(j - k) * x[:, j]`` along the step axis.
+# Steps per block of discounted_reverse_cumsum: a [256, 256] weight matrix (256 KiB in float32)
+# covers every usual episode in one product and bounds memory for any number of steps.
+_DISCOUNT_BLOCK = 256
 
-    One ``[B, K] @ [K, K]`` product instead of a loop over steps: K is the number of steps (tens
-    at most), so the triangular matrix is tiny and the product is exact to float rounding.
+
+def _discount_weights(size: int, factor: float, like: torch.Tensor) -> torch.Tensor:
+    """``[size, size]`` upper-triangular ``W[k, j] = factor**(j - k)`` for ``j >= k``, else 0."""
+    offsets = torch.arange(size, device=like.device, dtype=like.dtype)
+    powers = offsets[None, :] - offsets[:, None]  # [size, size], j - k
+    base = torch.as_tensor(factor, dtype=like.dtype, device=like.device)
+    return torch.where(powers >= 0, base ** powers.clamp(min=0), 0)
+
+
+def discounted_reverse_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``y[:, k] = sum_{j >= k} factor**(j - k) * x[:, j]`` along the step axis of ``x [B, K]``.
+
+    A ``[B, n] @ [n, n]`` product per block of ``n <= 256`` steps instead of a loop over steps;
+    blocks run from the last one back, each adding the next block's first sum discounted to its
+    steps (``factor**(end - k) * y[:, end]``). Episodes of up to 256 steps take one product; a
+    row of 8,000 one-token steps needs no ``[K, K]`` matrix (that would be +838 MB at once).
     """
-    k = x.shape[1]
-    offsets = torch.arange(k, device=x.device, dtype=x.dtype)
-    powers = offsets[None, :] - offsets[:, None]  # [K, K], j - k
-    weights = torch.where(powers >= 0, torch.as_tensor(factor, dtype=x.dtype, device=x.device) ** powers.clamp(min=0), 0)
-    return x @ weights.T
+    num_steps = x.shape[1]
+    block = max(1, min(num_steps, _DISCOUNT_BLOCK))
+    weights = _discount_weights(block, factor, x)  # [block, block]
+    base = torch.as_tensor(factor, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x)
+    for start in reversed(range(0, num_steps, block)):
+        end = min(start + block, num_steps)
+        size = end - start
+        y[:, start:end] = x[:, start:end] @ weights[:size, :size].T
+        if end < num_steps:  # the sums from the blocks after this one, discounted back to each step
+            distance = torch.arange(size, 0, -1, device=x.device, dtype=x.dtype)  # end - k
+            y[:, start:end] += y[:, end : end + 1] * base**distance
+    return y
 
 
 def step_returns(token_level_rewards: torch.Tensor, steps: Steps, gamma: float) -> torch.Tensor:
@@ -145,7 +200,7 @@ def compute_steppo_advantage(
     _check_finite("token_level_rewards", token_level_rewards)
 
     with torch.no_grad():
-        dtype = torch.promote_types(token_level_rewards.dtype, torch.float32)
+        dtype = _compute_dtype(token_level_rewards)
         rewards = step_rewards(token_level_rewards.to(dtype), steps)  # [B, K]
         step_values = gather_at_step_starts(values, steps).to(dtype)  # [B, K] V(s_k)
         step_mask = steps.step_mask
@@ -165,22 +220,52 @@ def compute_steppo_advantage(
         if whiten:
             advantages = _whiten_steps(advantages, step_mask)
 
-        out_dtype = token_level_rewards.dtype
-        return scatter_to_tokens(advantages.to(out_dtype), steps), scatter_to_tokens(returns.to(out_dtype), steps)
+        out_dtype = _output_dtype(token_level_rewards)
+        return (
+            _finite_to_tokens("advantages", advantages, steps, out_dtype),
+            _finite_to_tokens("returns", returns, steps, out_dtype),
+        )
 
 
 # ----------------------------------------------------------------------------- group baselines
 
 
-def _group_ids(index: Any, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Map verl's per-sample ``uid`` array (prompt groups) to dense int64 group ids ``[B]``."""
+# verl pads a batch that does not divide by the mini-batch size with no-op samples that share one
+# fresh uid, "pad" + 32 hex digits (verl/trainer/ppo/padding_utils.py); they are no prompt's group.
+_VERL_PADDING_UID = re.compile(r"pad[0-9a-f]{32}")
+
+
+def _group_ids(index: Any, batch_size: int, device: torch.device, estimator: str) -> torch.Tensor:
+    """Map verl's per-sample ``uid`` array (prompt groups) to dense int64 group ids ``[B]``.
+
+    Raises:
+        ValueError: ``index`` is missing or misshapen, or every prompt has a single rollout.
+    """
     if index is None:
         raise ValueError("group-relative estimators need the per-sample prompt uid (`index`); none was given")
     index = np.asarray(index)
     if index.shape != (batch_size,):
         raise ValueError(f"index (uid) has shape {index.shape}, expected ({batch_size},)")
-    _, inverse = np.unique(index.astype(str) if index.dtype == object else index, return_inverse=True)
+    uids, inverse, counts = np.unique(
+        index.astype(str) if index.dtype == object else index, return_inverse=True, return_counts=True
+    )
+    _check_prompts_have_several_rollouts(estimator, uids, counts)
     return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64, device=device)
+
+
+def _check_prompts_have_several_rollouts(estimator: str, uids: np.ndarray, counts: np.ndarray) -> None:
+    """Refuse a batch in which no prompt has a second rollout to compare with (``rollout.n = 1``).
+
+    Every baseline would then be 0 and the estimator would silently train on raw returns. A batch
+    where only some prompts have one rollout is fine: those keep their raw return (verl's GRPO rule).
+    """
+    prompts = np.array([_VERL_PADDING_UID.fullmatch(str(uid)) is None for uid in uids], dtype=bool)
+    if prompts.any() and bool((counts[prompts] == 1).all()):
+        raise ValueError(
+            f"adv_estimator={estimator} compares the rollouts of each prompt, but every prompt in this batch has "
+            "a single rollout, so every baseline would be 0; set actor_rollout_ref.rollout.n > 1 "
+            "(or use a critic-based estimator such as steppo)"
+        )
 
 
 def _group_stats(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,11 +314,11 @@ def compute_step_grpo_advantage(
         ``[B, L]`` advantages and the same tensor as returns (verl's convention for critic-free
         estimators).
     """
-    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    steps, returns, groups = _group_inputs("step_grpo", token_level_rewards, response_mask, index, step_ids, gamma)
     step_mask = steps.step_mask
     baseline, scale = _episode_baseline(_episode_return(returns), groups, norm_adv_by_std, epsilon)
     advantages = torch.where(step_mask, (returns - baseline[:, None]) / scale[:, None], torch.zeros_like(returns))
-    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    advantages = _finite_to_tokens("advantages", advantages, steps, _output_dtype(token_level_rewards))
     return advantages, advantages
 
 
@@ -249,13 +334,13 @@ def compute_step_rloo_advantage(
     With ``gamma = 1`` and only an outcome reward this equals verl's ``rloo``; a group of one
     keeps its raw return, as there.
     """
-    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    steps, returns, groups = _group_inputs("step_rloo", token_level_rewards, response_mask, index, step_ids, gamma)
     step_mask = steps.step_mask
     episode_return = _episode_return(returns)
     count, mean, _ = _group_stats(episode_return, groups)
     leave_one_out = torch.where(count > 1, (mean * count - episode_return) / (count - 1).clamp(min=1), 0.0)
     advantages = torch.where(step_mask, returns - leave_one_out[:, None], torch.zeros_like(returns))
-    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    advantages = _finite_to_tokens("advantages", advantages, steps, _output_dtype(token_level_rewards))
     return advantages, advantages
 
 
@@ -289,7 +374,7 @@ def compute_gigpo_advantage(
     Returns:
         ``[B, L]`` advantages, twice (no critic returns).
     """
-    steps, returns, groups = _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma)
+    steps, returns, groups = _group_inputs("gigpo", token_level_rewards, response_mask, index, step_ids, gamma)
     step_mask = steps.step_mask
     episode_return = _episode_return(returns)
     baseline, scale = _episode_baseline(episode_return, groups, norm_adv_by_std, epsilon)
@@ -310,7 +395,7 @@ def compute_gigpo_advantage(
     step_adv[step_mask] = centred / (std + epsilon) if norm_adv_by_std else centred
 
     advantages = torch.where(step_mask, episode_adv[:, None] + step_weight * step_adv, torch.zeros_like(returns))
-    advantages = scatter_to_tokens(advantages.to(token_level_rewards.dtype), steps)
+    advantages = _finite_to_tokens("advantages", advantages, steps, _output_dtype(token_level_rewards))
     return advantages, advantages
 
 
@@ -319,14 +404,13 @@ def _episode_return(returns: torch.Tensor) -> torch.Tensor:
     return returns[:, 0] if returns.shape[1] else returns.new_zeros(returns.shape[0])
 
 
-def _group_inputs(token_level_rewards, response_mask, index, step_ids, gamma):
+def _group_inputs(estimator, token_level_rewards, response_mask, index, step_ids, gamma):
     _check_shape("token_level_rewards", token_level_rewards, response_mask.shape)
     _check_factor("gamma", gamma)
     steps = locate_steps(response_mask, step_ids)
     _check_finite("token_level_rewards", token_level_rewards)
-    dtype = torch.promote_types(token_level_rewards.dtype, torch.float32)
-    returns = step_returns(token_level_rewards.to(dtype), steps, gamma)
-    groups = _group_ids(index, response_mask.shape[0], response_mask.device)
+    returns = step_returns(token_level_rewards.to(_compute_dtype(token_level_rewards)), steps, gamma)
+    groups = _group_ids(index, response_mask.shape[0], response_mask.device, estimator)
     return steps, returns, groups
 
 

@@ -9,23 +9,26 @@ tool parser and tool interfaces) and records, per trajectory, what StepPO needs:
   (the protocol credits it to that step; the outcome score stays in verl's ``rm_scores``).
 - ``step_keys`` ``[R]``: on each step's tokens, a 48-bit key of the observation the step was taken
   from (the prompt for step 0, the previous tool responses after that) for GiGPO's anchor groups.
-- ``truncated`` and ``bootstrap_index``: whether the episode was cut off (turn limit, response
-  length, wall-clock timeout) rather than ended by the model's answer, and the response position
-  whose critic value is V(s_K), the state after the last step.
+- ``ending``: why the episode ended (:class:`steppo_verl.endings.Ending`, as its code), also in
+  ``extra_fields["ending"]`` as its name.
+- ``truncated`` and ``bootstrap_index``: whether the return continues with V(s_K) after the last
+  step (decided by the one endings policy, :mod:`steppo_verl.endings`: by default only a wall-clock
+  timeout bootstraps; the turn and length limits are terminal), and the response position whose
+  critic value is V(s_K).
 
-How the state after the last step becomes scorable: at a turn-limit or timeout cut-off the loop
-completes the pending observation (at the turn limit it still runs the requested tool calls) and
-appends one extra non-action token after it. verl's critic value at a position is the value of
-everything *before* that token, so the value at ``bootstrap_index`` is V(prompt + all actions +
-all observations + the next turn's generation prompt), the same kind of prefix that V(s_k) is read
-from at every step start. A response-length cut leaves that state incomplete (the observation or
-the step itself did not fit): ``bootstrap_index`` is then -1 and the trainer falls back as
-documented there.
+How the state after the last step becomes scorable: when a bootstrapping ending leaves a complete
+state (turn limit, timeout) the loop completes the pending observation (at the turn limit it still
+runs the requested tool calls) and appends one extra non-action token after it. verl's critic value
+at a position is the value of everything *before* that token, so the value at ``bootstrap_index``
+is V(prompt + all actions + all observations + the next turn's generation prompt), the same kind of
+prefix that V(s_k) is read from at every step start. A response-length cut leaves that state
+incomplete (the observation or the step itself did not fit): ``bootstrap_index`` is then -1 and the
+trainer falls back as documented there.
 
 Limits come from verl's keys: ``rollout.response_length``, ``rollout.multi_turn.max_assistant_turns``
 (model steps), ``max_user_turns``, ``max_parallel_calls``, ``max_tool_response_length``. Our own
 options (``tool_timeout_s``, ``max_episode_seconds``, ``initial_search_tool`` for the StepPO paper's
-forced first search of the question, ``turn_limit_is_terminal`` for tasks that end at the turn limit)
+forced first search of the question, ``bootstrap_endings`` for the endings a task bootstraps)
 come from the agent-loop yaml
 (``steppo_verl/config/agent_loop.yaml``). A malformed tool call, an unknown tool, a tool that
 fails or times out all become an observation for the model; the rollout never fails because of a
@@ -39,7 +42,6 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import torch
@@ -48,27 +50,16 @@ from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, 
 from verl.experimental.agent_loop.tool_parser import FunctionCall
 from verl.tools.schemas import ToolResponse
 
+from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.protocol import locate_steps, scatter_to_tokens, step_sums
+from steppo_verl.safe_text import prompt_safe
+from steppo_verl.transcript import transcript_fields
 
 __all__ = ["AGENT_LOOPS", "Ending", "StepAgentLoop", "StepAgentLoopOutput", "state_key"]
 
 # A tool-call name no real tool can have: marks a call the parser could not decode.
 _MALFORMED_CALL = "<malformed tool call>"
 _KEY_BITS = 48  # keys stay exact through float64 scatter/gather
-
-
-class Ending(str, Enum):
-    """Why an episode ended; everything but ANSWER is a cut-off (the critic bootstraps), except a turn
-    limit that the task declares terminal (``turn_limit_is_terminal``)."""
-
-    ANSWER = "answer"
-    TURN_LIMIT = "turn_limit"
-    LENGTH_LIMIT = "length_limit"
-    TIMEOUT = "timeout"
-
-    @property
-    def truncated(self) -> bool:
-        return self is not Ending.ANSWER
 
 
 def state_key(content: Any) -> int:
@@ -91,6 +82,7 @@ class StepAgentLoopOutput(AgentLoopOutput):
     step_keys: list[int]
     truncated: bool
     bootstrap_index: int
+    ending: int
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
@@ -99,6 +91,7 @@ class StepAgentLoopOutput(AgentLoopOutput):
         output["step_keys"] = torch.tensor(output.pop("step_keys"), dtype=torch.int64)
         output["truncated"] = torch.tensor(output.pop("truncated"), dtype=torch.bool)
         output["bootstrap_index"] = torch.tensor(output.pop("bootstrap_index"), dtype=torch.int64)
+        output["ending"] = torch.tensor(output.pop("ending"), dtype=torch.int64)
         return output
 
 
@@ -112,14 +105,14 @@ class StepAgentLoop(ToolAgentLoop):
         tool_timeout_s: float = 60.0,
         max_episode_seconds: float | None = None,
         initial_search_tool: str | None = None,
-        turn_limit_is_terminal: bool = False,
+        bootstrap_endings: list[str] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.tool_timeout_s = tool_timeout_s
         self.max_episode_seconds = max_episode_seconds
         self.initial_search_tool = initial_search_tool
-        self.turn_limit_is_terminal = turn_limit_is_terminal
+        self.endings = EndingPolicy.from_names(bootstrap_endings)
 
     async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
         agent_data = AgentData(
@@ -137,14 +130,9 @@ class StepAgentLoop(ToolAgentLoop):
         await self._handle_pending_state(agent_data, sampling_params)
         steps: list[_Step] = []
         ending = await self._run_steps(agent_data, sampling_params, steps)
-        # A task whose episodes end at the turn limit gives its final reward there: bootstrapping V(s_K)
-        # would let a critic's guess stand in for that outcome (with gamma = 1, a policy that loops in a
-        # rewardless state until the limit would keep whatever value the critic first gave that state).
-        truncated = ending.truncated and not (ending is Ending.TURN_LIMIT and self.turn_limit_is_terminal)
-        # A length cut leaves the state after the last step incomplete (its observation, or the step
-        # itself, did not fit), so only turn-limit and timeout cuts get a V(s_K) position.
-        bootstraps = truncated and ending in (Ending.TURN_LIMIT, Ending.TIMEOUT)
-        bootstrap = self._append_bootstrap_token(agent_data) if bootstraps else -1
+        truncated = self.endings.bootstraps(ending)
+        has_position = self.endings.has_bootstrap_position(ending)
+        bootstrap = self._append_bootstrap_token(agent_data) if has_position else -1
         return self._build_output(agent_data, steps, ending, truncated, bootstrap)
 
     async def _search_the_question(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
@@ -232,18 +220,29 @@ class StepAgentLoop(ToolAgentLoop):
         return state_key(agent_data.messages[messages_before:])
 
     async def _call_tool(self, tool_call: FunctionCall, tools_kwargs: dict[str, Any], agent_data: AgentData):
-        """verl's tool call, plus a time limit and an explanation for undecodable calls."""
+        """verl's tool call, plus a time limit, an explanation for undecodable calls, and prompt-safe text.
+
+        Every tool observation (the forced first search included) enters the conversation here, so this is
+        where text nobody vetted (a tool's output, verl's echo of the model's call) is made encodable and
+        stripped of control tokens (:func:`steppo_verl.safe_text.prompt_safe`) before it is tokenized.
+        """
         if tool_call.name == _MALFORMED_CALL:
+            # Our own fixed text: its <tool_call> markers show the model the real call tokens.
             text = (
                 "Your tool call could not be parsed. Write exactly one JSON object per call: "
                 '<tool_call>{"name": "<tool name>", "arguments": {...}}</tool_call>'
             )
             return ToolResponse(text=text), 0.0, {"malformed_tool_call": True}
         try:
-            return await asyncio.wait_for(super()._call_tool(tool_call, tools_kwargs, agent_data), self.tool_timeout_s)
+            response, reward, metrics = await asyncio.wait_for(
+                super()._call_tool(tool_call, tools_kwargs, agent_data), self.tool_timeout_s
+            )
         except asyncio.TimeoutError:
             text = f"Tool '{tool_call.name}' timed out after {self.tool_timeout_s:g} s. You may retry or answer."
-            return ToolResponse(text=text), 0.0, {"tool_timeout": True}
+            response, reward, metrics = ToolResponse(text=text), 0.0, {"tool_timeout": True}
+        if response.text:
+            response = response.model_copy(update={"text": prompt_safe(response.text, self.tokenizer)})
+        return response, reward, metrics
 
     def _append_bootstrap_token(self, agent_data: AgentData) -> int:
         """Append one non-action token after the final observation; its position, or -1 without room."""
@@ -278,6 +277,7 @@ class StepAgentLoop(ToolAgentLoop):
             step_keys=step_keys,
             truncated=truncated,
             bootstrap_index=bootstrap_index if bootstrap_index < len(response_ids) else -1,
+            ending=ending.code,
         )
         output.extra_fields.update(
             {
@@ -285,6 +285,8 @@ class StepAgentLoop(ToolAgentLoop):
                 "tool_rewards": agent_data.tool_rewards,
                 "num_steps": max(step_ids, default=-1) + 1,
                 "ending": ending.value,
+                # The policy's steps and the observations apart, for rewards (see steppo_verl.transcript).
+                **transcript_fields(self.tokenizer, response_ids, response_mask),
             }
         )
         return output

@@ -13,8 +13,16 @@ verl's ``agg_loss`` with the global batch info verl sets on the config, so the l
 across data-parallel ranks.
 
 verl hands a registered policy loss no extra batch fields, so steps come from ``response_mask``
-runs unless the StepPO trainer passes ``step_ids``. The loss is selectable independently from the
-estimator (the paper's ablation turns each off).
+runs (exact for ``steppo_agent`` and verl's tool agent loop). The loss is selectable independently
+from the estimator (the paper's ablation turns each off). Two registered names share one
+implementation: ``steppo`` weighs every action token once (verl's ``loss_agg_mode`` applies);
+``steppo_step_mean`` weighs every *step* once (each step's tokens average to one term, and the terms
+are summed per trajectory and averaged over the global batch's trajectories), so a 300-token call
+does not outweigh a 5-token answer in the gradient either. verl's dual clip (``clip_ratio_c``) bounds
+the loss of a negative-advantage step whose ratio exploded, as in verl's vanilla loss.
+
+:func:`step_start_value_loss` is the matching critic loss (``algorithm.steppo.value_loss=step_starts``):
+V is trained only where StepPO reads it, at each step's first action token.
 """
 
 from __future__ import annotations
@@ -22,12 +30,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+from verl.trainer.ppo.core_algos import agg_loss, compute_value_loss, register_policy_loss
 from verl.utils.torch_functional import masked_mean
 
-from steppo_verl.protocol import locate_steps, scatter_to_tokens, step_means
+from steppo_verl.protocol import Steps, locate_steps, scatter_to_tokens, step_means, step_sums
 
-__all__ = ["LOSSES", "clip_binds", "compute_policy_loss_steppo"]
+__all__ = [
+    "LOSSES",
+    "clip_binds",
+    "compute_policy_loss_steppo",
+    "compute_policy_loss_steppo_step_mean",
+    "step_start_mask",
+    "step_start_value_loss",
+]
 
 # exp() of a log-ratio above this overflows float32 gradients long before it means anything.
 _MAX_LOG_RATIO = 10.0
@@ -45,6 +60,14 @@ def clip_binds(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, c
     return ((advantages > 0) & (ratio > 1 + clip_high)) | ((advantages < 0) & (ratio < 1 - clip_low))
 
 
+def step_start_mask(steps: Steps) -> torch.Tensor:
+    """``[B, L]`` bool, True at the first action token of every step (where V(s_k) is read)."""
+    mask = torch.zeros_like(steps.action)
+    rows = torch.arange(steps.starts.shape[0], device=steps.starts.device)[:, None].expand_as(steps.starts)
+    mask[rows[steps.step_mask], steps.starts[steps.step_mask]] = True
+    return mask
+
+
 @register_policy_loss("steppo")
 def compute_policy_loss_steppo(
     old_log_prob: torch.Tensor,
@@ -56,7 +79,7 @@ def compute_policy_loss_steppo(
     rollout_is_weights: torch.Tensor | None = None,
     step_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Clipped step-level policy objective.
+    """Clipped step-level policy objective, every action token weighted once (``loss_mode=steppo``).
 
     Args:
         old_log_prob: ``[B, L]`` log-probs of the sampled tokens under the behaviour policy.
@@ -73,9 +96,44 @@ def compute_policy_loss_steppo(
         verl reports them, plus ``actor/step_clipfrac`` (fraction of steps whose ratio was
         clipped, each step counted once) and ``actor/step_ratio_mean``.
     """
+    return _step_policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids
+    )
+
+
+@register_policy_loss("steppo_step_mean")
+def compute_policy_loss_steppo_step_mean(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    step_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The same objective with every step weighted once (``loss_mode=steppo_step_mean``).
+
+    Each token's loss is divided by its step's length, the per-trajectory sums are averaged over the
+    global mini-batch's trajectories (verl's ``seq-mean-token-sum`` aggregation); ``loss_agg_mode``
+    is not used. Arguments and metrics as :func:`compute_policy_loss_steppo`.
+    """
+    return _step_policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids,
+        equal_steps=True,
+    )
+
+
+def _step_policy_loss(
+    old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids,
+    equal_steps: bool = False,
+) -> tuple[torch.Tensor, dict[str, Any]]:
     if config is None:
         raise ValueError("the steppo policy loss needs verl's actor config (clip ratios, global batch info)")
     clip_low, clip_high = _clip_range(config)
+    clip_ratio_c = config.get("clip_ratio_c", 3.0)
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"actor.clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")
     steps = locate_steps(response_mask, step_ids)
 
     log_ratio = log_prob - old_log_prob
@@ -87,12 +145,25 @@ def compute_policy_loss_steppo(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
     pg_losses = torch.maximum(unclipped, clipped)
+    # Dual clip: a negative-advantage step whose ratio ran far above 1 contributes at most -A * c.
+    dual_clipped = (advantages < 0) & (pg_losses > -advantages * clip_ratio_c)
+    pg_losses = torch.where(dual_clipped, -advantages * clip_ratio_c, pg_losses)
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     loss_mask = steps.action.to(pg_losses.dtype)
-    pg_loss = agg_loss(
-        loss_mat=pg_losses, loss_mask=loss_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
-    )
+    if equal_steps:
+        step_lengths = step_sums(loss_mask, steps).clamp(min=1)  # [B, K]
+        token_weights = scatter_to_tokens((1.0 / step_lengths).to(pg_losses.dtype), steps)
+        pg_loss = agg_loss(
+            loss_mat=pg_losses * token_weights,
+            loss_mask=loss_mask,
+            loss_agg_mode="seq-mean-token-sum",
+            **config.global_batch_info,
+        )
+    else:
+        pg_loss = agg_loss(
+            loss_mat=pg_losses, loss_mask=loss_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
+        )
 
     with torch.no_grad():
         step_ratio = torch.exp(step_log_ratio.clamp(max=_MAX_LOG_RATIO))
@@ -101,6 +172,7 @@ def compute_policy_loss_steppo(
         num_steps = steps.step_mask.sum().clamp(min=1)
         metrics = {
             "actor/pg_clipfrac": masked_mean(torch.gt(clipped, unclipped).float(), loss_mask).item(),
+            "actor/pg_clipfrac_lower": masked_mean(dual_clipped.float(), loss_mask).item(),
             "actor/ppo_kl": masked_mean(-log_ratio.detach(), loss_mask).item(),
             "actor/step_clipfrac": (step_was_clipped.sum() / num_steps).item(),
             "actor/step_ratio_mean": (torch.where(steps.step_mask, step_ratio, 0.0).sum() / num_steps).item(),
@@ -108,5 +180,54 @@ def compute_policy_loss_steppo(
     return pg_loss, metrics
 
 
+def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: Any = None) -> tuple[torch.Tensor, dict]:
+    """verl critic loss trained only at step starts (``algorithm.steppo.value_loss=step_starts``).
+
+    StepPO reads V(s_k) at the first action token of step k and nowhere else; verl's value loss fits
+    every action token to the step's return, spending the critic's capacity on positions inside steps
+    that no estimator reads (the StepPO authors' code trains the step starts only). verl's clipped value
+    loss (``critic.cliprange_value``) is applied at those positions; the squared errors are summed per
+    trajectory and averaged over the global mini-batch's trajectories (``seq-mean-token-sum``), so
+    every step start weighs the same. Same signature as verl's ``value_loss``
+    (``verl/workers/utils/losses.py``), set with ``critic_wg.set_loss_fn`` by the StepPO trainer.
+
+    Args:
+        config: verl's ``CriticConfig``.
+        model_output: the critic engine's output; ``values`` nested ``[B, j]`` over the whole sequence.
+        data: the micro-batch TensorDict: ``values`` (old), ``returns``, ``response_mask`` nested
+            ``[B, j]``, optional ``step_ids`` (else runs of ``response_mask``), and verl's ``dp_size``,
+            ``global_batch_size``.
+    """
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    vpreds = no_padding_2_padding(model_output["values"], data)  # [B, L]
+    padded = {
+        name: (data[name].to_padded_tensor(pad) if data[name].is_nested else data[name])
+        for name, pad in (("values", 0.0), ("returns", 0.0), ("response_mask", 0), ("step_ids", -1))
+        if name in data.keys()
+    }
+    starts = step_start_mask(locate_steps(padded["response_mask"], padded.get("step_ids")))
+    dp_size, global_batch_size = data["dp_size"], data["global_batch_size"]
+    vf_loss, vf_clipfrac = compute_value_loss(
+        vpreds=vpreds,
+        values=padded["values"],
+        returns=padded["returns"],
+        response_mask=starts,
+        cliprange_value=config.cliprange_value,
+        loss_agg_mode="seq-mean-token-sum",
+        dp_size=dp_size,
+        global_batch_size=global_batch_size,
+    )
+    # Normalised over the global batch, each micro-batch holds its share of the mean: the metric adds up.
+    aggregation = AggregationType.SUM if dp_size > 1 or global_batch_size is not None else AggregationType.MEAN
+    metrics = {
+        "critic/vf_loss": Metric(value=vf_loss, aggregation=aggregation),
+        "critic/vf_clipfrac": vf_clipfrac.detach().item(),
+        "critic/vpred_mean": masked_mean(vpreds, starts).detach().item(),
+    }
+    return vf_loss, metrics
+
+
 # What this module registers with verl; the plugin checks each entry after import.
-LOSSES = {"steppo": compute_policy_loss_steppo}
+LOSSES = {"steppo": compute_policy_loss_steppo, "steppo_step_mean": compute_policy_loss_steppo_step_mean}

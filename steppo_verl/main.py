@@ -19,12 +19,14 @@ def run(config: DictConfig) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    from steppo_verl.registration import require_components_for
     from steppo_verl.trainer import validate_steppo_config
 
     if not config.trainer.use_v1:
         raise ValueError("StepPO runs on verl's v1 trainer: set trainer.use_v1=true")
     auto_set_device(config)
     validate_steppo_config(config)
+    require_components_for(config)  # a component the config selects must have registered
     if config.trainer.device == "cpu":
         from steppo_verl.cpu.resources import check_cpu_resources
 

@@ -1,17 +1,20 @@
 """Step-level training metrics (reported through verl's metrics/tracking under ``steppo/``).
 
-The per-step view of CleanRL's PPO diagnostics: how many steps trajectories take, how often they
-are cut off, the distribution of step advantages/returns/values, and how well the critic explains
-the step returns (each step counted once, read at its first token).
+The per-step view of CleanRL's PPO diagnostics: how many steps trajectories take, how they ended
+and how often they were cut off, the distribution of step advantages/returns/values, how well the
+critic explains the step returns (each step counted once, read at its first token), and the critic's
+error at repeated states (:func:`critic_state_metrics`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from steppo_verl.advantage import step_returns
+from steppo_verl.endings import Ending
 from steppo_verl.protocol import Steps, gather_at_step_starts
 
-__all__ = ["explained_variance", "step_metrics"]
+__all__ = ["critic_state_metrics", "explained_variance", "observed_returns", "step_metrics"]
 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
@@ -32,12 +35,79 @@ def _summary(name: str, x: torch.Tensor) -> dict[str, float]:
     }
 
 
+def observed_returns(
+    token_level_rewards: torch.Tensor, steps: Steps, gamma: float, bootstrap_values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, K]`` the discounted return observed from step k on: ``G_k + gamma**(K - k) * V_K``.
+
+    ``G_k`` is the reward-to-go of the trajectory's own rewards; ``bootstrap_values`` ``[B]`` (V(s_K),
+    0 for terminated episodes) continues the return of episodes the endings policy bootstraps.
+    """
+    outcomes = step_returns(token_level_rewards.double(), steps, gamma)
+    if bootstrap_values is not None:
+        columns = torch.arange(steps.max_steps, device=outcomes.device)
+        remaining = (steps.num_steps[:, None] - columns[None, :]).clamp(min=0).double()
+        discount = torch.as_tensor(gamma, dtype=torch.float64) ** remaining
+        outcomes = outcomes + discount * bootstrap_values.double()[:, None]
+    return torch.where(steps.step_mask, outcomes, torch.zeros_like(outcomes))
+
+
+def critic_state_metrics(
+    step_values: torch.Tensor, outcomes: torch.Tensor, step_keys: torch.Tensor, step_mask: torch.Tensor
+) -> dict[str, float]:
+    """How well the critic values the states a batch visits more than once.
+
+    Step starts are grouped by the state they were taken from (``step_keys``, the agent loop's key of
+    the observation). For each state visited at least twice, the mean V(s_k) over its visits is
+    compared with the mean outcome observed from it: an unbiased Monte-Carlo estimate of the current
+    policy's value of that state, which a calibrated critic should match.
+
+    Args:
+        step_values: ``[B, K]`` V(s_k) at each step start.
+        outcomes: ``[B, K]`` the discounted return observed from step k on (bootstrapped where the
+            endings policy says so).
+        step_keys: ``[B, K]`` int64 state key of each step.
+        step_mask: ``[B, K]`` bool, True where sample b has a step k.
+
+    Returns:
+        ``steppo/critic/state_abs_error``: visit-weighted mean of |mean V - mean outcome| over the
+        repeated states; ``steppo/critic/repeated_states``: how many states were visited at least twice;
+        ``steppo/critic/state_slope``: least-squares slope of mean V on mean outcome across those states
+        (~0 for a critic that only tracks the batch mean, ~1 for a calibrated one; present with at least
+        two states whose outcomes differ). Empty where no state repeats.
+    """
+    keys = step_keys[step_mask]
+    if keys.numel() == 0:
+        return {}
+    _, state = torch.unique(keys, return_inverse=True)
+    visits = torch.bincount(state).to(torch.float64)
+    mean_value = torch.zeros_like(visits).index_add_(0, state, step_values[step_mask].double()) / visits
+    mean_outcome = torch.zeros_like(visits).index_add_(0, state, outcomes[step_mask].double()) / visits
+    repeated = visits >= 2
+    if not bool(repeated.any()):
+        return {}
+    visits, mean_value, mean_outcome = visits[repeated], mean_value[repeated], mean_outcome[repeated]
+    metrics = {
+        "steppo/critic/state_abs_error": float(((mean_value - mean_outcome).abs() * visits).sum() / visits.sum()),
+        "steppo/critic/repeated_states": float(visits.numel()),
+    }
+    centred_outcome = mean_outcome - mean_outcome.mean()
+    spread = (centred_outcome**2).sum()
+    if visits.numel() >= 2 and spread > 0:
+        covariance = (centred_outcome * (mean_value - mean_value.mean())).sum()
+        metrics["steppo/critic/state_slope"] = float(covariance / spread)
+    return metrics
+
+
 def step_metrics(
     steps: Steps,
     advantages: torch.Tensor,
     returns: torch.Tensor,
     values: torch.Tensor | None = None,
     truncated: torch.Tensor | None = None,
+    step_keys: torch.Tensor | None = None,
+    endings: list[str] | None = None,
+    outcomes: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of one training batch.
 
@@ -45,7 +115,10 @@ def step_metrics(
         steps: the batch's step layout.
         advantages, returns: ``[B, L]`` per-token outputs of a step estimator.
         values: ``[B, L]`` critic values (verl's alignment), if there is a critic.
-        truncated: ``[B]`` bool, episodes cut off rather than ended by the model.
+        truncated: ``[B]`` bool, episodes whose return continues with V(s_K) (the endings policy's decision).
+        step_keys: ``[B, K]`` state key of each step (the agent loop's), for :func:`critic_state_metrics`.
+        endings: ``B`` names of :class:`~steppo_verl.endings.Ending`; reported as fractions of the batch.
+        outcomes: ``[B, K]`` observed discounted return from each step on, for :func:`critic_state_metrics`.
     """
     mask = steps.step_mask
     step_adv = gather_at_step_starts(advantages.float(), steps)[mask]
@@ -58,9 +131,14 @@ def step_metrics(
     if step_adv.numel() > 1:
         metrics["steppo/step_advantage/std"] = float(step_adv.std())
     if values is not None:
-        step_values = gather_at_step_starts(values.float(), steps)[mask]
+        values_at_starts = gather_at_step_starts(values.float(), steps)
+        step_values = values_at_starts[mask]
         metrics.update(_summary("step_value", step_values))
         metrics["steppo/value_explained_var"] = explained_variance(step_values, step_returns)
+        if step_keys is not None and outcomes is not None:
+            metrics.update(critic_state_metrics(values_at_starts, outcomes, step_keys, mask))
     if truncated is not None and truncated.numel():
         metrics["steppo/truncated_frac"] = float(truncated.float().mean())
+    if endings:
+        metrics.update({f"steppo/ending/{e.value}": sum(n == e.value for n in endings) / len(endings) for e in Ending})
     return metrics

@@ -222,9 +222,13 @@ def scatter_to_tokens(step_values: torch.Tensor, steps: Steps, fill: float = 0.0
 
 
 def _span_sums(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps: Steps) -> torch.Tensor:
-    """``[B, K]`` sums of ``x`` over token spans ``[lower, upper)`` via float64 prefix sums."""
+    """``[B, K]`` sums of ``x`` over token spans ``[lower, upper)`` via float64 prefix sums.
+
+    In ``torch.sum``'s dtype: ``x``'s own, int64 for bool and narrower integers (a sum of bools counts).
+    """
+    out_dtype = torch.promote_types(x.dtype, torch.int64)
     if steps.max_steps == 0:
-        return x.new_zeros(steps.starts.shape)
+        return torch.zeros(steps.starts.shape, dtype=out_dtype, device=x.device)
     inclusive = torch.cumsum(x, dim=1, dtype=torch.float64)  # inclusive[t] = sum_{<=t}
 
     def before(position: torch.Tensor) -> torch.Tensor:  # sum_{<position}
@@ -232,7 +236,7 @@ def _span_sums(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps:
         return torch.where(position > 0, read, 0.0)
 
     sums = before(upper) - before(lower)
-    return torch.where(steps.step_mask, sums, 0.0).to(x.dtype)
+    return torch.where(steps.step_mask, sums, 0.0).to(out_dtype)
 
 
 def step_sums(x: torch.Tensor, steps: Steps) -> torch.Tensor:

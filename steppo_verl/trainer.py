@@ -5,7 +5,7 @@ Two routes, one implementation (:func:`compute_step_advantages`):
 - ``trainer.v1.trainer_mode=steppo`` (what ``python -m steppo_verl.main`` and the recipe use):
   :class:`StepPOTrainer`, a ``PPOTrainerSync`` subclass registered in verl's trainer registry. It
   fetches the agent loop's step fields (``step_ids``, ``env_rewards``, ``step_keys``,
-  ``truncated``, ``bootstrap_index``) from TransferQueue next to verl's own fields, so the
+  ``truncated``, ``bootstrap_index``, ``ending``) from TransferQueue next to verl's own fields, so the
   estimators get explicit steps, per-step rewards, GiGPO anchor keys and bootstrap values for
   cut-off episodes, and reports step-level metrics.
 - plain ``python -m verl.trainer.main_ppo algorithm.adv_estimator=steppo critic.enable=true``:
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from verl import DataProto
 from verl.trainer.ppo.utils import need_critic
@@ -31,23 +32,34 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from steppo_verl.advantage import ESTIMATORS, algorithm_option
+from steppo_verl.endings import Ending
+from steppo_verl.loss import step_start_value_loss
 from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_records, rows_to_dump
-from steppo_verl.metrics import step_metrics
-from steppo_verl.protocol import gather_at_step_starts, locate_steps
+from steppo_verl.metrics import observed_returns, step_metrics
+from steppo_verl.protocol import gather_at_step_starts, locate_steps, step_ids_from_mask
 
 __all__ = [
     "STEP_FIELDS",
+    "align_step_fields",
     "StepPOTrainer",
     "bootstrap_values",
     "compute_step_advantages",
     "install_compute_advantage_hook",
     "padded_step_fields",
     "validate_steppo_config",
+    "value_loss_positions",
 ]
 
 # Per-trajectory fields the step-aware agent loop writes to TransferQueue. Token fields map to the
 # value that pads them past a row's end (step id -1 = "not an action token"); scalar fields to None.
-STEP_FIELDS = {"step_ids": -1, "env_rewards": 0.0, "step_keys": 0, "truncated": None, "bootstrap_index": None}
+STEP_FIELDS = {
+    "step_ids": -1,
+    "env_rewards": 0.0,
+    "step_keys": 0,
+    "truncated": None,
+    "bootstrap_index": None,
+    "ending": None,
+}
 STEP_AGENT = "steppo_agent"
 
 
@@ -77,6 +89,31 @@ def _agent_names_in(files: Any) -> set[str]:
     return names
 
 
+VALUE_LOSS_POSITIONS = ("tokens", "step_starts")
+
+
+def value_loss_positions(config: DictConfig) -> str:
+    """``algorithm.steppo.value_loss``: where the critic is trained; ``tokens`` (verl's loss) by default."""
+    positions = algorithm_option(config.algorithm, "steppo.value_loss", "tokens")
+    if positions not in VALUE_LOSS_POSITIONS:
+        raise ValueError(f"algorithm.steppo.value_loss must be one of {VALUE_LOSS_POSITIONS}, got {positions!r}")
+    return positions
+
+
+def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
+    """A GSPO-scale clip (steppo_trainer.yaml's default, for the step loss's geometric-mean ratio) would
+    freeze a token-level loss after its first update: refuse it with what to set."""
+    loss_mode = actor.policy_loss.loss_mode
+    bounds = [actor.get(key) if actor.get(key) is not None else actor.clip_ratio
+              for key in ("clip_ratio_low", "clip_ratio_high")]
+    if not loss_mode.startswith("steppo") and loss_mode != "gspo" and min(bounds) < 0.01:
+        raise ValueError(
+            f"actor.policy_loss.loss_mode={loss_mode} clips token ratios, but the clip range {bounds} is "
+            "GSPO-scale (meant for the step loss's geometric-mean ratio): set actor_rollout_ref.actor."
+            "clip_ratio_low=0.2 and clip_ratio_high=0.2 (recipe/steppo/common.sh: TOKEN_LOSS)"
+        )
+
+
 def validate_steppo_config(config: DictConfig) -> None:
     """Fail at start-up, with what to set, on configurations that cannot work.
 
@@ -85,6 +122,8 @@ def validate_steppo_config(config: DictConfig) -> None:
     ``steppo_agent`` loop.
     """
     estimator = config.algorithm.adv_estimator
+    value_loss_positions(config)
+    _check_clip_range_fits_the_loss(config.actor_rollout_ref.actor)
     if estimator == "steppo":
         if not need_critic(config):
             raise ValueError(
@@ -131,6 +170,42 @@ def padded_step_fields(fields: Any) -> dict[str, torch.Tensor]:
     return padded
 
 
+def align_step_fields(fields: dict[str, torch.Tensor], response_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The agent loop's step fields made consistent with the batch's ``response_mask`` ``[B, L]``.
+
+    verl edits batches after the rollout, and our fields do not follow by themselves: it pads a batch
+    that does not divide by the mini-batch with copies of a sample whose response is one masked token
+    (``verl/trainer/ppo/padding_utils.py``: the copied step fields keep the original's length), and its
+    rollout correction's rejection sampling masks tokens or whole responses (``response_mask`` is
+    rewritten before advantages are computed). This is the one place that reconciles them:
+
+    - token fields are cut or padded to the mask's width, and to each row's response length;
+    - a row whose action tokens no longer agree with its ``step_ids`` gets steps from its mask's runs
+      (a fully masked row has none; a step with rejected tokens inside becomes the runs that remain);
+    - a ``bootstrap_index`` past the row's response is dropped (-1).
+    """
+    width = response_mask.shape[1]
+    lengths = fields.get("response_length")
+    beyond = torch.arange(width, device=response_mask.device)[None, :] >= (
+        lengths.to(response_mask.device)[:, None] if lengths is not None else width
+    )
+    aligned = dict(fields)
+    for name, pad in (*STEP_FIELDS.items(), ("responses", 0)):
+        if pad is None or name not in fields:
+            continue
+        value = fields[name].to(response_mask.device)[:, :width]
+        value = F.pad(value, (0, width - value.shape[1]), value=pad)
+        aligned[name] = value.masked_fill(beyond, pad)
+    if "step_ids" in aligned:
+        edited = ((aligned["step_ids"] >= 0) != response_mask.bool()).any(dim=1)
+        if bool(edited.any()):
+            aligned["step_ids"] = torch.where(edited[:, None], step_ids_from_mask(response_mask), aligned["step_ids"])
+    if "bootstrap_index" in aligned and lengths is not None:
+        index = aligned["bootstrap_index"]
+        aligned["bootstrap_index"] = torch.where(index < lengths.to(index.device), index, torch.full_like(index, -1))
+    return aligned
+
+
 def bootstrap_values(values: torch.Tensor, fields: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """``[B]`` V(s_K) after the final step: 0 for terminated episodes.
 
@@ -154,9 +229,9 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     ``uid``, plus the step fields of the batch when the StepPO trainer provides them.
     """
     current = _CURRENT_BATCH.get()
-    fields = current.fields if current is not None else {}
     batch = data.batch
     response_mask = batch["response_mask"]
+    fields = align_step_fields(current.fields, response_mask) if current is not None else {}
     rewards = batch["token_level_rewards"]
     if "env_rewards" in fields:
         rewards = rewards + fields["env_rewards"].to(rewards)
@@ -164,6 +239,7 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     step_ids = fields.get("step_ids")
     steps = locate_steps(response_mask, step_ids)
     step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
+    last_values = bootstrap_values(values, fields) if values is not None else None
     advantages, returns = ESTIMATORS[adv_estimator](
         token_level_rewards=rewards,
         response_mask=response_mask,
@@ -171,12 +247,18 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
         index=data.non_tensor_batch.get("uid"),
         values=values,
         step_ids=step_ids,
-        bootstrap_values=bootstrap_values(values, fields) if values is not None else None,
+        bootstrap_values=last_values,
         step_keys=step_keys,
     )
     batch["advantages"], batch["returns"] = advantages, returns
+    endings = [Ending.from_code(c).value for c in fields["ending"].tolist()] if "ending" in fields else None
+    outcomes = None
     if current is not None:
-        current.metrics.update(step_metrics(steps, advantages, returns, values, fields.get("truncated")))
+        gamma = algorithm_option(config, "gamma", 1.0)
+        outcomes = observed_returns(rewards, steps, gamma, last_values)
+        current.metrics.update(
+            step_metrics(steps, advantages, returns, values, fields.get("truncated"), step_keys, endings, outcomes)
+        )
     if current is not None and current.dump is not None:
         current.dump(
             TrajectoryBatch(
@@ -194,6 +276,10 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
                 old_log_probs=batch["rollout_log_probs"] if "rollout_log_probs" in batch.keys() else None,
                 log_probs=batch["old_log_probs"] if "old_log_probs" in batch.keys() else None,
                 truncated=fields.get("truncated"),
+                ending=endings,
+                bootstrap_values=last_values,
+                step_keys=fields.get("step_keys"),
+                outcomes=outcomes,
                 response_length=fields["response_length"],
             )
         )
@@ -246,6 +332,30 @@ class StepPOTrainer(PPOTrainerSync):
     @trainer_mode.setter
     def trainer_mode(self, _registered_name: str) -> None:
         pass
+
+    def _build_replay_buffer(self):
+        """verl's replay buffer, polling TransferQueue every ``trainer.steppo_replay_poll_s`` seconds.
+
+        verl's buffer waits for finished rollouts by sleeping a fixed 2 s between polls (a constructor
+        default no config key reaches). A CPU run's rollouts take less than that, so each step waited for
+        the next poll; ``platform/cpu.yaml`` sets 0.1 s. ``null`` keeps verl's interval.
+        """
+        buffer = super()._build_replay_buffer()
+        poll_s = self.config.trainer.get("steppo_replay_poll_s")
+        if poll_s is not None:
+            if not 0 < float(poll_s) <= 60:
+                raise ValueError(f"trainer.steppo_replay_poll_s must lie in (0, 60] seconds, got {poll_s}")
+            buffer.poll_interval = float(poll_s)
+        return buffer
+
+    def _setup(self) -> None:
+        super()._setup()
+        if self.use_critic and value_loss_positions(self.config) == "step_starts":
+            # verl sets its every-token value loss on the critic in _setup; ours replaces it there.
+            from verl.utils.config import omega_conf_to_dataclass
+
+            critic_config = omega_conf_to_dataclass(self.config.critic)
+            self.critic_wg.set_loss_fn(functools.partial(step_start_value_loss, config=critic_config))
 
     def _compute_advantage(self, batch, metrics: dict) -> Any:
         if self.config.algorithm.adv_estimator not in ESTIMATORS:

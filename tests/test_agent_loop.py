@@ -19,7 +19,8 @@ from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
 from steppo_verl.advantage import compute_steppo_advantage
-from steppo_verl.agent_loop import Ending, StepAgentLoop, state_key
+from steppo_verl.agent_loop import StepAgentLoop, state_key
+from steppo_verl.endings import Ending
 from steppo_verl.cpu.tiny_model import build_tiny_tokenizer
 from steppo_verl.protocol import locate_steps, validate_step_ids
 
@@ -220,9 +221,9 @@ def test_retriever_that_is_down_becomes_an_observation(tokenizer):
     assert "retriever is down" in observations(tokenizer, output)
 
 
-def test_turn_limit_truncates_and_leaves_a_bootstrap_position(tokenizer):
+def test_turn_limit_that_a_task_bootstraps_leaves_a_bootstrap_position(tokenizer):
     server = ScriptedServer(tokenizer, [call("a"), call("b"), "<answer>never</answer>"])
-    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2)
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2, bootstrap_endings=["turn_limit"])
     assert_consistent(output)
     assert len(server.generated) == 2
     assert output.truncated and output.extra_fields["ending"] == Ending.TURN_LIMIT.value
@@ -235,11 +236,12 @@ def test_turn_limit_truncates_and_leaves_a_bootstrap_position(tokenizer):
     assert sum(output.env_rewards) == pytest.approx(1.0)
 
 
-def test_a_terminal_turn_limit_ends_the_episode_without_bootstrap(tokenizer):
+def test_turn_limit_ends_the_episode_without_bootstrap_by_default(tokenizer):
     server = ScriptedServer(tokenizer, [call("a"), call("b"), "<answer>never</answer>"])
-    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2, turn_limit_is_terminal=True)
+    output = run(tokenizer, server, [EchoSearch(reward=0.5)], max_assistant_turns=2)
     assert_consistent(output)
     assert output.extra_fields["ending"] == Ending.TURN_LIMIT.value
+    assert output.as_dict()["ending"].item() == Ending.TURN_LIMIT.code
     assert not output.truncated and output.bootstrap_index == -1
     assert "result for b" in observations(tokenizer, output), "the last call is still answered"
     assert output.response_ids[-1] != tokenizer.pad_token_id, "no bootstrap token"
@@ -251,7 +253,8 @@ def test_response_length_limit_cutting_a_step(tokenizer):
     output = run(tokenizer, server, [EchoSearch()], response_length=120)
     assert_consistent(output)
     assert len(output.response_ids) == 120
-    assert output.truncated and output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value
+    assert output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value
+    assert not output.truncated, "a length cut is terminal by default: the runaway earns what it got"
     assert output.bootstrap_index == -1
     assert output.step_ids == expected_layout(server, output)
     assert output.step_ids[-1] == 1, "the cut step runs to the end of the budget"
@@ -285,7 +288,7 @@ def test_turn_limit_whose_last_observation_does_not_fit_is_a_length_cut(tokenize
     last_action = max(t for t, k in enumerate(roomy.step_ids) if k == 1)
     tight = last_action + 3  # the last step fits, its observation does not
     output = run(tokenizer, ScriptedServer(tokenizer, turns), [EchoSearch()], max_assistant_turns=2,
-                 response_length=tight)
+                 response_length=tight, bootstrap_endings=["turn_limit", "length_limit"])
     assert_consistent(output)
     assert output.extra_fields["ending"] == Ending.LENGTH_LIMIT.value and output.truncated
     assert output.bootstrap_index == -1, "no V(s_K) position without the final observation"
@@ -302,3 +305,17 @@ def test_forced_first_search_becomes_part_of_the_prompt(tokenizer):
     assert output.step_ids == expected_layout(server, output)
     assert max(output.step_ids) == 1, "the forced search is not a model step"
     assert sum(output.env_rewards) == pytest.approx(0.5), "only the model's own call is rewarded"
+
+
+def test_length_limit_that_a_task_bootstraps_has_no_bootstrap_position(tokenizer):
+    long_turn = "word " * 200 + "..."
+    server = ScriptedServer(tokenizer, [call("a"), long_turn])
+    output = run(tokenizer, server, [EchoSearch()], response_length=120, bootstrap_endings=["length_limit"])
+    assert output.truncated and output.bootstrap_index == -1, "the state after a cut step is incomplete"
+
+
+def test_agent_loop_rejects_an_ending_that_cannot_bootstrap(tokenizer):
+    with pytest.raises(ValueError, match="'answer' ends the episode"):
+        make_loop(tokenizer, ScriptedServer(tokenizer, []), [EchoSearch()], bootstrap_endings=["answer"])
+    with pytest.raises(ValueError, match="unknown ending 'turnlimit'"):
+        make_loop(tokenizer, ScriptedServer(tokenizer, []), [EchoSearch()], bootstrap_endings=["turnlimit"])

@@ -312,6 +312,188 @@ def test_unknown_dataset(tmp_path):
         prepare("squad", [SplitInput("validation", str(HOTPOT_DEV))], tmp_path)
 
 
+# Bad field values in the sources: each is either normalised the one way the format allows or is an error
+# naming the file, the record and the field, and a failing run publishes no file.
+
+
+def hotpot_records():
+    return json.loads(HOTPOT_TRAIN.read_text(encoding="utf-8"))
+
+
+def musique_records():
+    return [json.loads(line) for line in MUSIQUE_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_json(path, records):
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def gold_answers_of(tmp_path, dataset, source):
+    prepare(dataset, [SplitInput("validation", str(source))], tmp_path / "out")
+    return [row["reward_model"]["ground_truth"] for row in parquet_rows(tmp_path / "out" / "validation.parquet")]
+
+
+def test_musique_answer_aliases_as_a_string_is_one_alias_not_its_characters(tmp_path):
+    record = {**musique_records()[1], "answer": "Amber River", "answer_aliases": "the Amber"}
+    source = write_jsonl(tmp_path / "alias_string.jsonl", [record])
+    assert gold_answers_of(tmp_path, "musique", source) == [["Amber River", "the Amber"]]
+
+
+@pytest.mark.parametrize("answer", [["Azure Sea"], {"text": "Azure Sea"}, 1312, True])
+def test_list_dict_or_number_answer_is_an_error_naming_the_record(tmp_path, answer):
+    records = hotpot_records()
+    records[1]["answer"] = answer
+    source = write_json(tmp_path / "odd_answer.json", records)
+    with pytest.raises(ValueError, match=r"odd_answer\.json record 1: 'answer' must be a string or null"):
+        prepare("hotpotqa", [SplitInput("train", str(source))], tmp_path / "out")
+
+
+def test_musique_list_answer_is_an_error_naming_the_line(tmp_path):
+    source = write_jsonl(tmp_path / "list_answer.jsonl", [{**musique_records()[0], "answer": ["Hollin"]}])
+    with pytest.raises(ValueError, match=r"list_answer\.jsonl:1: 'answer' must be a string or null"):
+        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+
+
+@pytest.mark.parametrize("aliases", [["Hollin", 7], {"Hollin": 1}, 7])
+def test_musique_answer_aliases_not_strings_is_an_error(tmp_path, aliases):
+    source = write_jsonl(tmp_path / "aliases.jsonl", [{**musique_records()[0], "answer_aliases": aliases}])
+    with pytest.raises(ValueError, match=r"aliases\.jsonl:1: 'answer_aliases' must be a list of strings"):
+        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+
+
+@pytest.mark.parametrize(("answerable", "kept"), [("false", False), ("FALSE", False), ("True", True), (False, False)])
+def test_musique_answerable_as_a_string_is_parsed_not_truthy(tmp_path, answerable, kept):
+    source = write_jsonl(tmp_path / "answerable.jsonl", [{**musique_records()[0], "answerable": answerable}])
+    report = prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+    expected = (1, {}) if kept else (0, {"unanswerable": 1})
+    assert (report.splits["validation"].rows, dict(report.splits["validation"].skipped)) == expected
+
+
+@pytest.mark.parametrize("answerable", ["no", "", 0, 1, None, []])
+def test_musique_answerable_neither_bool_nor_true_false_is_an_error(tmp_path, answerable):
+    records = musique_records()
+    records[2]["answerable"] = answerable
+    source = write_jsonl(tmp_path / "answerable.jsonl", records)
+    with pytest.raises(ValueError, match=r"answerable\.jsonl:3: 'answerable' must be true or false"):
+        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+
+
+def many_records_then_a_bad_one(tmp_path, good):
+    template = hotpot_records()[0]
+    records = [{**template, "_id": f"hp-{number}"} for number in range(good)]
+    records.append({**template, "_id": "hp-bad", "answer": ["Azure Sea"]})
+    return write_json(tmp_path / "bad_last.json", records)
+
+
+def test_bad_record_after_1500_good_ones_publishes_no_parquet_and_no_corpus(tmp_path, capsys):
+    source = many_records_then_a_bad_one(tmp_path, good=1500)
+    out = tmp_path / "out"
+    argv = ["--dataset", "hotpotqa", "--input", f"train={source}", "--input", f"validation={HOTPOT_DEV}"]
+    assert main([*argv, "--out-dir", str(out)]) == 2
+    assert "bad_last.json record 1500: 'answer' must be a string or null" in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == []
+
+
+def test_bad_record_leaves_earlier_prepared_files_as_they_were(tmp_path):
+    out = tmp_path / "out"
+    prepare("hotpotqa", [SplitInput("train", str(HOTPOT_TRAIN))], out)
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    with pytest.raises(ValueError, match="record 1500"):
+        prepare("hotpotqa", [SplitInput("train", str(many_records_then_a_bad_one(tmp_path, good=1500)))], out)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("split", ["../../escaped", "a/b", "..", "x..y", ".hidden", "", "/abs", "trai\\n"])
+def test_split_name_with_a_path_or_dots_is_rejected_before_writing(tmp_path, split):
+    with pytest.raises(ValueError, match="split name"):
+        prepare("hotpotqa", [SplitInput(split, str(HOTPOT_DEV))], tmp_path / "sub" / "out")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_cli_split_dot_dot_slash_writes_nothing_outside_out_dir(tmp_path, capsys):
+    out = tmp_path / "a" / "b" / "out"
+    argv = ["--dataset", "musique", "--input", str(MUSIQUE_DEV), "--split", "../../x", "--out-dir", str(out)]
+    assert main(argv) == 2
+    assert "split name '../../x'" in capsys.readouterr().err
+    assert list(tmp_path.rglob("*.parquet")) == []
+
+
+def test_split_with_dots_inside_a_name_is_accepted(tmp_path):
+    prepare("hotpotqa", parse_inputs([f"dev.v1-small_2={HOTPOT_DEV}"], None), tmp_path)
+    assert len(parquet_rows(tmp_path / "dev.v1-small_2.parquet")) == 3
+
+
+def test_negative_max_rows_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="max_rows must be 0 or more, got -1"):
+        prepare("hotpotqa", [SplitInput("train", str(HOTPOT_TRAIN))], tmp_path, max_rows=-1)
+
+
+def set_field(record, path, value):
+    """Set ``record[path[0]][path[1]]...`` to ``value``."""
+    *parents, last = path
+    for key in parents:
+        record = record[key]
+    record[last] = value
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["_id"], 17, "'_id' must be a string, got 17"),
+        (["context"], {"Veloria": []}, "'context' must be a list"),
+        (["context", 0], "Veloria", "'context[0]' must be [title, [sentence, ...]]"),
+        (["context", 0, 0], 3, "the title in 'context[0]' must be a string"),
+        (["context", 0, 1], "The Amber River rises.", "'context[0] sentences' must be a list"),
+        (["context", 0, 1, 0], None, "the sentences in 'context[0]' must be strings"),
+        (["level"], 3, "'level' must be a string or null, got 3"),
+        (["question"], ["Q?"], "'question' must be a non-empty string"),
+    ],
+)  # fmt: skip
+def test_hotpotqa_field_of_the_wrong_type_exits_2_naming_file_record_and_field(tmp_path, capsys, path, value, message):
+    records = hotpot_records()
+    set_field(records[1], path, value)
+    source = write_json(tmp_path / "typed.json", records)
+    assert main(["--dataset", "hotpotqa", "--input", f"train={source}", "--out-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {source} record 1: {message}")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["paragraphs"], {"title": "Hollin"}, ": 'paragraphs' must be a list"),
+        (["paragraphs", 0], "Kestrel Records", " paragraphs[0]: expected a JSON object, got str"),
+        (["paragraphs", 1, "paragraph_text"], None, " paragraphs[1]: 'paragraph_text' must be a string, got None"),
+        (["paragraphs", 1, "title"], ["Mara Voss"], " paragraphs[1]: 'title' must be a string"),
+        (["id"], None, ": 'id' must be a string, got None"),
+    ],
+)  # fmt: skip
+def test_musique_field_of_the_wrong_type_exits_2_naming_file_line_and_field(tmp_path, capsys, path, value, message):
+    records = musique_records()
+    set_field(records[0], path, value)
+    source = write_jsonl(tmp_path / "typed.jsonl", records)
+    argv = ["--dataset", "musique", "--input", f"validation={source}", "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: {source}:1{message}")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_hub_context_with_more_titles_than_sentence_lists_is_an_error_not_truncated(tmp_path, monkeypatch):
+    import datasets
+
+    rows = json.loads(HOTPOT_HF.read_text(encoding="utf-8"))
+    rows[0]["context"]["sentences"].pop()
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: rows)
+    with pytest.raises(ValueError, match=r"\[validation\] record 0: 'context' has 2 titles but 1 sentence lists"):
+        prepare("hotpotqa", parse_inputs(["hf:hotpotqa/hotpot_qa"], "validation"), tmp_path)
+
+
 @pytest.mark.parametrize("chunk_chars", [1, 7, 64, 1 << 20])
 def test_streamed_json_array_matches_a_whole_file_parse(chunk_chars):
     assert list(iter_json_array(HOTPOT_DEV, chunk_chars)) == json.loads(HOTPOT_DEV.read_text(encoding="utf-8"))

@@ -162,3 +162,63 @@ def test_estimators_run_through_verls_compute_advantage_on_multi_turn_rows(estim
     assert torch.isfinite(adv[action]).all() and adv[action].abs().sum() > 0
     if estimator not in ("gae",):  # verl's gae whitens every position; its loss masks them later
         assert torch.all(adv[~action] == 0), "observation tokens must get no advantage"
+
+
+# ------------------------------------------------------------------------------- bad input: numbers, n = 1
+
+GROUP_ESTIMATORS = {
+    "gigpo": compute_gigpo_advantage,
+    "step_grpo": compute_step_grpo_advantage,
+    "step_rloo": compute_step_rloo_advantage,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_one_rollout_per_prompt_is_refused(name):
+    layout = random_layout(0, batch_size=4)
+    with pytest.raises(ValueError, match=rf"adv_estimator={name} .*single rollout.*rollout.n > 1"):
+        GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, _uids(4, 1), layout.step_ids)
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_one_rollout_per_prompt_plus_verls_padding_samples_is_refused(name):
+    # verl pads a batch that does not divide by the mini-batch size with samples that share one
+    # "pad<uuid hex>" uid: that group of copies is no second rollout of any prompt.
+    layout = random_layout(1, batch_size=6)
+    uids = np.array(["a", "b", "c", "d", "pad" + "0f" * 16, "pad" + "0f" * 16], dtype=object)
+    with pytest.raises(ValueError, match="single rollout"):
+        GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, uids, layout.step_ids)
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_some_prompts_with_one_rollout_keep_their_raw_return(name):
+    layout = random_layout(3, batch_size=5, reward_mode="outcome")
+    layout.rewards[4] = 0.0
+    layout.rewards[4, -1] = 0.7
+    uids = np.array(["a", "a", "a", "a", "lone"], dtype=object)
+    adv, _ = GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, uids, layout.step_ids)
+    lone = layout.response_mask[4] == 1
+    assert lone.any()
+    # gamma = 1 and an outcome reward: every step of the lone sample gets its raw episode return.
+    torch.testing.assert_close(adv[4, lone], torch.full((int(lone.sum()),), 0.7))
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_or_bool_rewards_give_float_group_advantages(name, dtype):
+    layout = random_layout(4, batch_size=8, reward_mode="outcome")
+    rewards = (layout.rewards > 0.5).to(dtype)
+    uids = _uids(8, 4)
+    adv, _ = GROUP_ESTIMATORS[name](rewards, layout.response_mask, uids, layout.step_ids)
+    expected, _ = GROUP_ESTIMATORS[name](rewards.float(), layout.response_mask, uids, layout.step_ids)
+    assert adv.dtype == torch.float32
+    torch.testing.assert_close(adv, expected)
+    assert adv.abs().sum() > 0 and not torch.equal(adv, adv.round())
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+def test_huge_finite_rewards_that_overflow_float32_raise_in_group_estimators(name):
+    layout = random_layout(5, batch_size=4, allow_adjacent_steps=False)
+    layout.rewards[layout.response_mask == 1] = 3e38  # finite, but sums over steps overflow
+    with pytest.raises(ValueError, match=r"advantages overflowed to (nan|inf) at sample \d+, step \d+"):
+        GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, _uids(4, 2), layout.step_ids)

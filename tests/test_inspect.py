@@ -63,7 +63,7 @@ class PassageSearch(EchoSearch):
 SCRIPTS = [
     ([call("capital of France"), call("Paris population"), "<answer>Paris</answer>"], 5, 1.0),
     ([MALICIOUS + call("x"), "<answer>" + MALICIOUS + "</answer>"], 5, 0.0),
-    ([call("river"), call("longest river"), call("Nile length")], 2, 0.0),  # cut by the turn limit
+    ([call("river"), call("longest river"), call("Nile length")], 2, 0.0),  # cut by the turn limit (bootstrapped)
     (["<answer>Lyon</answer>"], 5, 1.0),
 ]
 
@@ -78,7 +78,8 @@ def run_episodes(tokenizer, scripts=SCRIPTS, tool=EchoSearch):
     episodes = []
     for turns, max_turns, score in scripts:
         server = ScriptedServer(tokenizer, turns)
-        output = run(tokenizer, server, [tool(reward=0.25)], max_assistant_turns=max_turns)
+        output = run(tokenizer, server, [tool(reward=0.25)], max_assistant_turns=max_turns,
+                     bootstrap_endings=["turn_limit"])  # so that the dumps hold a bootstrapped trajectory
         output.reward_score = score
         episodes.append((output, server))
     return episodes
@@ -283,7 +284,7 @@ def test_report_is_self_contained_escaped_and_complete(records, tmp_path):
     data = embedded_data(page)
     assert [t["trajectory_id"] for t in data["trajectories"]] == [f"prompt{b}#{b}" for b in range(len(SCRIPTS))]
     assert data["trajectories"][1]["steps"][0]["action"].startswith(MALICIOUS)
-    assert page.count('<svg class="plot"') == 3
+    assert page.count('<svg class="plot"') == 4
 
 
 def test_report_command_line(records, tmp_path):
@@ -340,6 +341,35 @@ def build_report_for(records, directory: Path) -> Path:
     return build_report(directory / "run", directory / "report.html")
 
 
+def with_non_finite_numbers(records):
+    """A diverged run: NaN/inf advantage, value, ratio and reward in the first trajectory's steps."""
+    changed = [dict(record) for record in records]
+    changed[0].update(advantage=math.nan, value=math.inf)
+    changed[1].update(ratio=math.inf, reward=-math.inf)
+    changed[2].update({"return": math.nan})
+    return changed
+
+
+def test_nan_and_inf_advantages_values_and_ratios_are_written_and_shown_as_text(records, tmp_path):
+    out = build_report_for(with_non_finite_numbers(records), tmp_path)
+    first = embedded_data(out.read_text(encoding="utf-8"))["trajectories"][0]
+    assert [first["steps"][0][n] for n in ("advantage", "value")] == ["NaN", "inf"]
+    assert [first["steps"][1][n] for n in ("ratio", "reward")] == ["inf", "-inf"]
+    assert first["steps"][2]["return"] == "NaN" and first["total_reward"] == "-inf"
+    dom = run_chromium(out.as_uri(), "--dump-dom")  # the first trajectory is shown
+    assert re.search(r"<h2>Trajectory prompt0#0 ", dom)
+    for name, text in (("A", "NaN"), ("V\\(s\\)", "inf"), ("ratio", "inf"), ("r", "-inf"), ("R", "NaN")):
+        assert re.search(rf"<b>{name}</b>{text}<", dom), f"{name} = {text} not shown"
+    assert dom.count('<tr class="traj-row') == len(SCRIPTS)
+
+
+def test_malformed_url_fragment_still_shows_the_first_trajectory(records, tmp_path):
+    out = build_report_for(records, tmp_path)
+    dom = run_chromium(out.as_uri() + "#%E0%A4%A", "--dump-dom")  # not valid percent-encoding
+    assert re.search(r"<h2>Trajectory prompt0#0 · training step 7", dom)
+    assert 'class="traj-row picked"' in dom
+
+
 # ----------------------------------------------------------------------------- demo for the README
 
 DEMO_SCRIPTS = [
@@ -383,3 +413,19 @@ def test_demo_report_renders(tmp_path, tokenizer):
     data = embedded_data(page)
     assert len(data["trajectories"]) == 3 * len(DEMO_SCRIPTS)
     assert {t["training_step"] for t in data["trajectories"]} == {10, 20, 30}
+
+
+def test_report_plots_the_critic_error_at_repeated_states_per_training_step():
+    def record(training_step, key, value, outcome):
+        return {"training_step": training_step, "state_key": key, "value": value, "outcome": outcome}
+
+    from steppo_verl.inspect.plots import critic_state_error_by_training_step
+
+    records = [record(1, 5, 0.5, 1.0), record(1, 5, 0.5, 0.0), record(1, 6, 0.9, 1.0),
+               record(2, 5, 0.4, 0.0), record(2, 5, 0.4, 1.0), record(2, 5, float("nan"), 1.0)]
+    svg = critic_state_error_by_training_step(records)
+    assert "Critic error at repeated states" in svg and "<polyline" in svg
+    assert svg.count("<circle") == 2, "one point per training step with a repeated state"
+    assert "no critic values" in critic_state_error_by_training_step([record(1, 5, 0.5, 1.0), record(1, 6, 0.5, 1.0)])
+    keyless = [{**record(1, 5, 0.5, 1.0), "state_key": None}] * 2
+    assert "no critic values" in critic_state_error_by_training_step(keyless)

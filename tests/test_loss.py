@@ -10,15 +10,16 @@ from verl.trainer.ppo.core_algos import compute_policy_loss_gspo, get_policy_los
 from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from steppo_verl.loss import compute_policy_loss_steppo
+from steppo_verl.loss import compute_policy_loss_steppo, compute_policy_loss_steppo_step_mean, step_start_value_loss
 
 
-def actor_config(clip=0.2, loss_mode="steppo", loss_agg_mode="token-mean"):
+def actor_config(clip=0.2, loss_mode="steppo", loss_agg_mode="token-mean", clip_ratio_c=3.0):
     return FSDPActorConfig(
         strategy="fsdp",
         rollout_n=1,
         ppo_micro_batch_size_per_gpu=1,
         clip_ratio=clip,
+        clip_ratio_c=clip_ratio_c,
         loss_agg_mode=loss_agg_mode,
         policy_loss=PolicyLossConfig(loss_mode=loss_mode),
     )
@@ -138,3 +139,104 @@ def test_through_verls_ppo_loss_as_the_training_engine_calls_it():
     loss.backward()
     assert flat.grad.abs().sum() > 0
     assert "actor/step_clipfrac" in {str(k) for k in metrics}
+
+
+# ----------------------------------------------------------------------------- dual clip, equal steps
+
+
+def test_dual_clip_bounds_a_negative_step_whose_ratio_exploded():
+    mask = torch.tensor([[1, 1, 0, 1]], dtype=torch.bool)
+    old = torch.zeros(1, 4)
+    new = torch.tensor([[2.0, 2.0, 0.0, 0.0]]).requires_grad_(True)  # step 0 ratio e^2 = 7.4 > c = 3
+    adv = torch.tensor([[-1.0, -1.0, 0.0, 1.0]])
+    config = actor_config(clip=0.2)
+    loss, metrics = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", config)
+    # step 0: min(max(-A s, -A clip(s)), -A c) = min(7.39, 1.2) vs 3 -> capped at 3; step 1: ratio 1, -A = -1.
+    assert loss.item() == pytest.approx((3.0 + 3.0 - 1.0) / 3, rel=1e-6)
+    assert metrics["actor/pg_clipfrac_lower"] == pytest.approx(2 / 3)
+    loss.backward()
+    assert torch.all(new.grad[0, :2] == 0), "the dual-clipped step's loss is a constant"
+
+
+def test_dual_clip_below_one_is_refused():
+    config = actor_config(clip_ratio_c=0.5)  # verl's config accepts it; its vanilla loss asserts later
+    mask, old, new, adv = two_rows()
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        compute_policy_loss_steppo(old, new, adv, mask, "token-mean", config)
+
+
+def test_step_mean_weighs_every_step_once():
+    mask, old, new, adv = two_rows()
+    new = new.clone().requires_grad_(True)
+    loss, _ = compute_policy_loss_steppo_step_mean(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    s00, s01 = math.exp(0.30 / 3), math.exp(0.05)  # row 1's ratio 0.74 is clipped at 0.8 (A < 0)
+    # Each step's tokens average to one term; per-trajectory sums, then the mean over the 2 trajectories.
+    expected = ((-1.0 * s00) + (2.0 * s01) + (1.0 * 0.8)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # The 3-token step and the 1-token step of row 0 get gradients summing to their step's whole weight.
+    token_grad = new.grad[0]
+    assert token_grad[:3].sum().item() == pytest.approx(-1.0 * s00 / 2, rel=1e-5)
+    assert token_grad[5].item() == pytest.approx(2.0 * s01 / 2, rel=1e-5)
+
+
+def test_step_mean_is_registered_with_verl():
+    assert get_policy_loss_fn("steppo_step_mean") is compute_policy_loss_steppo_step_mean
+
+
+# ----------------------------------------------------------------------------- step-start value loss
+
+
+def critic_config(cliprange_value=100.0):
+    """The one field of verl's CriticConfig that the loss reads."""
+    return type("CriticConfigLike", (), {"cliprange_value": cliprange_value})()
+
+
+def critic_micro_batch(prompt_lens, response_masks, step_ids=None):
+    """A verl-style critic micro-batch (nested fields) and the model's values over whole sequences."""
+    rows = range(len(prompt_lens))
+    responses = [torch.ones(len(m), dtype=torch.int64) for m in response_masks]
+    fields = {
+        "prompts": torch.nested.as_nested_tensor([torch.ones(p, dtype=torch.int64) for p in prompt_lens],
+                                                 layout=torch.jagged),
+        "responses": torch.nested.as_nested_tensor(responses, layout=torch.jagged),
+        "response_mask": torch.nested.as_nested_tensor([torch.tensor(m) for m in response_masks], layout=torch.jagged),
+        "values": torch.nested.as_nested_tensor([torch.zeros(len(m)) for m in response_masks], layout=torch.jagged),
+        "returns": torch.nested.as_nested_tensor(
+            [torch.full((len(m),), float(b + 1)) for b, m in zip(rows, response_masks)], layout=torch.jagged
+        ),
+    }
+    if step_ids is not None:
+        fields["step_ids"] = torch.nested.as_nested_tensor([torch.tensor(s) for s in step_ids], layout=torch.jagged)
+    data = TensorDict(fields, batch_size=len(prompt_lens))
+    tu.assign_non_tensor(data, dp_size=1, global_batch_size=len(prompt_lens))
+    total = sum(p + len(m) for p, m in zip(prompt_lens, response_masks))
+    predictions = torch.linspace(-1.0, 1.0, total).requires_grad_(True)
+    return data, predictions
+
+
+def test_step_start_value_loss_trains_only_the_positions_it_names():
+    masks = [[1, 1, 0, 0, 1, 1], [0, 1, 1, 1]]  # row 0: steps at 0 and 4; row 1: one step at 1
+    step_ids = [[0, 0, -1, -1, 1, 1], [-1, 0, 0, 0]]
+    prompt_lens = [3, 2]
+    data, predictions = critic_micro_batch(prompt_lens, masks, step_ids)
+    loss, metrics = step_start_value_loss(critic_config(), {"values": predictions}, data)
+    # verl's alignment: the value of response token t is the model's output at sequence position p + t - 1.
+    starts = {(0, 0), (0, 4), (1, 1)}
+    positions = {3 + 0 - 1: (0, 0), 3 + 4 - 1: (0, 4), 3 + 6 + 2 + 1 - 1: (1, 1)}
+    expected = 0.5 * sum((predictions[i].item() - (row + 1)) ** 2 for i, (row, _) in positions.items()) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    trained = set(torch.nonzero(predictions.grad).flatten().tolist())
+    assert trained == set(positions), f"gradient at {sorted(trained)}, step starts at {sorted(positions)}"
+    assert {positions[i] for i in trained} == starts
+    assert math.isfinite(metrics["critic/vpred_mean"])
+
+
+def test_step_start_value_loss_recovers_steps_from_the_mask_without_step_ids():
+    masks = [[1, 1, 0, 1], [1, 0, 1, 1]]
+    data, predictions = critic_micro_batch([2, 2], masks)
+    loss, _ = step_start_value_loss(critic_config(), {"values": predictions}, data)
+    loss.backward()
+    # starts: row 0 tokens 0 and 3 -> positions 1, 4; row 1 tokens 0 and 2 -> 6 + 1 = 7, 6 + 3 = 9
+    assert set(torch.nonzero(predictions.grad).flatten().tolist()) == {1, 4, 7, 9}

@@ -129,3 +129,70 @@ def test_editable_install_does_not_touch_torch_or_verl(tmp_path):
     assert result.returncode == 0, result.stderr
     installs = [item["metadata"]["name"] for item in json.loads(report.read_text())["install"]]
     assert installs == ["steppo-verl"]
+
+
+REGISTERED_NAMES = """
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+from verl.plugin.platform import PlatformRegistry
+from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
+from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
+      'steppo' in POLICY_LOSS_REGISTRY, 'steppo_agent' in _agent_loop_registry, 'steppo' in TRAINER_REGISTRY,
+      PlatformRegistry.get('cpu') is not None)
+"""
+
+
+def _blocking(module: str) -> str:
+    """Code making every import of ``module`` fail, as a missing dependency of that module would."""
+    return f"import sys\nsys.modules[{module!r}] = None\n"
+
+
+@pytest.mark.parametrize(
+    "blocked, component, registered",
+    [
+        ("steppo_verl.agent_loop", "agent loop", "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True False True True"),
+        ("steppo_verl.cpu", "cpu platform", "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True True True False"),
+    ],
+)
+def test_failing_component_import_keeps_the_other_components_registered(blocked, component, registered):
+    result = _python(_blocking(blocked) + "import verl\n" + REGISTERED_NAMES)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == registered
+    assert f"steppo_verl could not register its {component} with verl" in result.stderr
+    assert f"import of {blocked} halted" in result.stderr
+
+
+def test_importing_the_plugin_directly_still_raises_naming_the_failed_component():
+    result = _python(_blocking("steppo_verl.agent_loop") + "import verl\nimport steppo_verl.plugin\n",
+                     VERL_USE_EXTERNAL_PLUGINS="none")
+    assert result.returncode != 0
+    assert "RuntimeError: steppo_verl failed to register its components with verl: agent loop: ModuleNotFoundError" in (
+        result.stderr
+    )
+
+
+REQUIRE_FOR_CONFIG = """
+import verl
+from omegaconf import OmegaConf
+from steppo_verl.registration import require_components_for
+
+def config(agent_loop):
+    return OmegaConf.create({"algorithm": {"adv_estimator": "steppo"}, "trainer": {"device": "cuda"},
+        "actor_rollout_ref": {"actor": {"policy_loss": {"loss_mode": "steppo"}},
+                              "rollout": {"agent": {"default_agent_loop": agent_loop}}}})
+
+require_components_for(config("single_turn_agent"))  # the failed agent loop is not needed: passes
+print("verl's agent loop: ok")
+require_components_for(config("steppo_agent"))
+"""
+
+
+def test_config_selecting_the_failed_agent_loop_raises_naming_its_cause():
+    result = _python(_blocking("steppo_verl.agent_loop") + REQUIRE_FOR_CONFIG)
+    assert result.returncode != 0
+    assert "verl's agent loop: ok" in result.stdout
+    assert (
+        "RuntimeError: the config selects components that are not registered: "
+        "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent needs steppo_verl's agent loop, "
+        "which failed: ModuleNotFoundError: import of steppo_verl.agent_loop halted"
+    ) in result.stderr

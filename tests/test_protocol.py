@@ -176,3 +176,17 @@ def test_zero_length_rows():
     steps = locate_steps(torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0, dtype=torch.long))
     assert steps.starts.shape == (3, 0) and steps.num_steps.tolist() == [0, 0, 0]
     assert scatter_to_tokens(torch.zeros(3, 0), steps).shape == (3, 0)
+
+
+def test_bool_or_integer_rewards_sum_per_step_instead_of_saturating():
+    # Two rewarded tokens in step 0: a sum of bools counts them (torch.sum's rule), it is not True.
+    step_ids = torch.tensor([[0, 0, -1, 1, -1]])
+    steps = locate_steps(step_ids >= 0, step_ids)
+    flags = torch.tensor([[True, True, False, False, True]])
+    for rewards in (flags, flags.to(torch.int32), flags.to(torch.uint8)):
+        sums = step_rewards(rewards, steps)
+        assert sums.dtype == torch.int64 and sums.tolist() == [[2, 1]]
+    assert step_sums(flags, steps).tolist() == [[2, 0]]
+    assert step_means(flags, steps).tolist() == [[1.0, 0.0]]
+    empty = locate_steps(torch.zeros(1, 3, dtype=torch.bool))
+    assert step_sums(torch.ones(1, 3, dtype=torch.bool), empty).dtype == torch.int64

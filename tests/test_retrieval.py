@@ -5,8 +5,11 @@ Servers only ever listen on 127.0.0.1; every process or thread a test starts is 
 
 import asyncio
 import json
+import socket
 import threading
 import time
+import tracemalloc
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,11 +18,12 @@ import bm25s
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loopback import LOOPBACK, ThreadedServer
 
 from steppo_verl.retrieval import (
+    MAX_QUERY_CHARS,
     BM25Index,
     EmbeddedBM25Backend,
     Hit,
@@ -29,7 +33,7 @@ from steppo_verl.retrieval import (
     TokenizerSettings,
     load_corpus,
 )
-from steppo_verl.retrieval.server import ServerLimits, free_port, serve_in_background
+from steppo_verl.retrieval.server import ServerLimits, free_port, main, serve_in_background
 
 
 # Invented passages; several share words ("lighthouse", "engineer", "river", "festival") so ranking matters.
@@ -218,6 +222,18 @@ def test_tokenizer_settings_survive_save_and_load(tmp_path):
     assert _search_one(BM25Index.build(passages, progress=False), "runs")[0].id == "a"
 
 
+@pytest.mark.timeout(60)
+def test_saved_passages_fewer_than_indexed_documents_fail_at_load(index, tmp_path):
+    index.save(tmp_path)
+    # Passages file and record agree with each other, but no longer with the bm25s index beside them.
+    passages_file = tmp_path / "passages.jsonl"
+    passages_file.write_text("".join(passages_file.read_text().splitlines(keepends=True)[:-1]))
+    record = json.loads((tmp_path / "steppo_index.json").read_text())
+    (tmp_path / "steppo_index.json").write_text(json.dumps({**record, "num_passages": len(PARAGRAPHS) - 1}))
+    with pytest.raises(ValueError, match=f"covers {len(PARAGRAPHS)} documents but {len(PARAGRAPHS) - 1} passages"):
+        BM25Index.load(tmp_path)
+
+
 @pytest.mark.timeout(30)
 def test_loading_a_directory_without_an_index_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no saved BM25 index"):
@@ -244,9 +260,24 @@ def test_embedded_backend_searches_off_the_event_loop_thread(index, monkeypatch)
     assert search_threads and threading.get_ident() not in search_threads
 
 
+@pytest.mark.timeout(60)
+def test_query_over_max_query_chars_is_refused_by_the_embedded_backend(index):
+    backend = EmbeddedBM25Backend(index)
+    assert asyncio.run(backend.retrieve(["lighthouse " + "x" * (MAX_QUERY_CHARS - 11)], 3))[0][0].id == "p00"
+    too_long = f"query 2 of 2 .* {MAX_QUERY_CHARS + 1} characters, at most {MAX_QUERY_CHARS}"
+    with pytest.raises(RetrievalError, match=too_long):
+        asyncio.run(backend.retrieve(["lighthouse", "y" * (MAX_QUERY_CHARS + 1)], 3))
+
+
+@pytest.mark.timeout(60)
+def test_lone_surrogate_in_query_is_refused_by_the_embedded_backend(index):
+    with pytest.raises(RetrievalError, match=r"query 1 of 1 .*lone surrogate \(U\+D800\)"):
+        asyncio.run(EmbeddedBM25Backend(index).retrieve(["lighthouse \ud800"], 3))
+
+
 # ------------------------------------------------------------------------------- real server subprocess
 
-SERVER_LIMITS = ServerLimits(topk_max=10, max_queries=4, max_query_chars=100, max_body_bytes=20_000)
+SERVER_LIMITS = ServerLimits(topk_max=10, max_queries=4, max_query_chars=100, max_body_bytes=20_000, body_timeout_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +336,55 @@ def test_server_refuses_an_undeclared_chunked_body_over_the_limit(server):
     assert "exceeds the limit of 20000 bytes" in response.text
 
 
+def _post_raw(server, body: bytes) -> httpx.Response:
+    """POST ``body`` as sent; json= would refuse NaN and lone surrogates before they reach the server."""
+    headers = {"Content-Type": "application/json"}
+    return httpx.post(f"{server.url}/retrieve", content=body, headers=headers, timeout=10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("topk", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_nan_or_infinite_topk_is_refused_with_422(server, topk):
+    response = _post_raw(server, b'{"queries": ["lighthouse"], "topk": %s}' % topk.encode())
+    assert response.status_code == 422
+    assert response.json()["detail"] == [{"loc": ["body", "topk"], "msg": "Input should be a finite number"}]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("query", ["\\ud800", "lighthouse \\udfff keeper"])
+def test_lone_surrogate_in_query_is_refused_with_422(server, query):
+    response = _post_raw(server, b'{"queries": ["ok", "%s"], "topk": 2}' % query.encode())
+    assert response.status_code == 422
+    (problem,) = response.json()["detail"]
+    assert problem["loc"] == ["body", "queries", "1"] and "lone surrogate" in problem["msg"]
+
+
+@pytest.mark.timeout(60)
+def test_connection_stopping_mid_body_is_answered_408_and_closed(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    head = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(head + b'{"queries": ["light')
+        started = time.monotonic()
+        answer = b""
+        while chunk := connection.recv(4096):  # returns b"" once the server has closed the connection
+            answer += chunk
+    assert time.monotonic() - started < SERVER_LIMITS.body_timeout_s + 5
+    assert answer.startswith(b"HTTP/1.1 408") and b"not received within 1.0s" in answer
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "flag",
+    ["--max-body-bytes=-1", "--max-body-bytes=0", "--topk-max=0", "--max-query-chars=-5", "--body-timeout-s=inf"],
+)
+def test_nonpositive_server_limit_flag_is_an_argparse_error(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"--index={tmp_path}", flag])
+    assert exit_info.value.code == 2
+    assert f"argument {flag.split('=')[0]}: must be a positive" in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_server_without_scores_sends_bare_documents(server, index):
     response = httpx.post(f"{server.url}/retrieve", json={"queries": ["Quessa abbey monks"]}, timeout=10)
@@ -351,9 +431,39 @@ def _scripted_app(attempts: Counter, connections: defaultdict) -> FastAPI:
             return {"result": _answer(queries)["result"][:-1]}
         if mode == "bare":
             return {"result": [[{"contents": f"Bare\n{q}"}] for q in queries]}
+        if mode in MISBEHAVING_ANSWERS:
+            return MISBEHAVING_ANSWERS[mode]()
         return _answer(queries)
 
     return app
+
+
+GZIP_BOMB_BYTES = 200 * 1024 * 1024
+
+
+def _gzip_bomb() -> bytes:
+    """GZIP_BOMB_BYTES of zeros gzip-compressed to about 200 KB, compressed piecewise to stay small here."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = b"\0" * (1024 * 1024)
+    return b"".join(compressor.compress(block) for _ in range(GZIP_BOMB_BYTES // len(block))) + compressor.flush()
+
+
+def _chunks_of_x(total: int, size: int = 1000):
+    for _ in range(total // size):
+        yield b"x" * size
+
+
+# Answers a server must not send; each mode builds its response on demand.
+MISBEHAVING_ANSWERS = {
+    "bomb": lambda: Response(_gzip_bomb(), media_type="application/json", headers={"Content-Encoding": "gzip"}),
+    "large": lambda: Response(b"x" * 5000, media_type="application/json"),
+    "endless": lambda: StreamingResponse(_chunks_of_x(50_000), media_type="application/json"),
+    "nested": lambda: Response(b"[" * 100_000 + b"]" * 100_000, media_type="application/json"),
+    "huge_score": lambda: Response(
+        b'{"result": [[{"document": {"contents": "T\\nx"}, "score": 1%s}]]}' % (b"0" * 400),
+        media_type="application/json",
+    ),
+}
 
 
 class ScriptedServer(ThreadedServer):
@@ -479,3 +589,64 @@ def test_http_backend_serves_event_loops_in_several_threads_at_once(scripted):
         runs = list(pool.map(lambda _: asyncio.run(_search_in_turn(backend, queries)), range(3)))
     assert all([row[0].contents for row in hits] == [f"Echo\n{q}" for q in queries] for hits in runs)
     assert scripted.attempts["echo"] == 15 and len(scripted.connections["echo"]) == 3
+
+
+@pytest.mark.timeout(60)
+def test_gzip_bomb_answer_raises_retrieval_error_without_inflating_it(scripted):
+    tracemalloc.start()
+    try:
+        with pytest.raises(RetrievalError, match=r"/bomb/retrieve is compressed \(gzip\)"):
+            _retrieve(f"{scripted.url}/bomb", ["a"], max_retries=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The server thread holds the compressed body (~200 KB); nothing near the inflated 200 MB may appear.
+    assert peak < 20 * 1024 * 1024
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "mode, reason", [("large", "declared 5000 bytes, limit 1000"), ("endless", "more than 1000 bytes")]
+)
+def test_answer_over_max_response_bytes_raises_retrieval_error(scripted, mode, reason):
+    with pytest.raises(RetrievalError, match=rf"/{mode}/retrieve is too large: {reason}"):
+        _retrieve(f"{scripted.url}/{mode}", ["a"], max_response_bytes=1000, max_retries=2)
+    assert scripted.attempts[mode] == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode, error", [("nested", "RecursionError"), ("huge_score", "OverflowError")])
+def test_malformed_answer_body_raises_retrieval_error(scripted, mode, error):
+    with pytest.raises(RetrievalError, match=f"malformed answer from .*/{mode}/retrieve: {error}"):
+        _retrieve(f"{scripted.url}/{mode}", ["a"])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("http://[::1", "Invalid port"),
+        ("http://xn--zz", "Invalid A-label"),
+        ("localhost:8000", "scheme must be http or https"),
+        ("ftp://retriever", "scheme must be http or https"),
+        ("http://", "names no host"),
+        ("http://retriever:99999", r"port must lie in \[1, 65535\]"),
+        ("http://retriever:8000/?shard=1", "no query or fragment"),
+    ],
+)
+def test_malformed_retriever_url_is_rejected_when_the_backend_is_built(url, problem):
+    with pytest.raises(ValueError, match=rf"retriever url .* is malformed: .*{problem}"):
+        HttpRetrievalBackend(url)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "query, reason",
+    [("y" * (MAX_QUERY_CHARS + 1), f"at most {MAX_QUERY_CHARS} characters"), ("lone \udc00", "lone surrogate")],
+)
+def test_query_the_embedded_backend_refuses_is_refused_by_the_http_backend_before_sending(scripted, query, reason):
+    with pytest.raises(RetrievalError, match=f"query 2 of 2 cannot be searched: .*{reason}"):
+        _retrieve(f"{scripted.url}/echo", ["fine", query])
+    assert scripted.attempts["echo"] == 0
+    longest = "z" * MAX_QUERY_CHARS
+    assert _retrieve(f"{scripted.url}/echo", [longest])[0][0].contents == f"Echo\n{longest}"

@@ -1,6 +1,7 @@
 """QA reward: answer extraction, HotpotQA-style EM/F1, and the call verl makes to a custom reward function."""
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from steppo_verl.rewards.qa import compute_score, exact_match, extract_answer, f1_score, normalize_answer
+from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS
 
 if TYPE_CHECKING:
     from verl import DataProto
@@ -53,6 +55,52 @@ def test_unclosed_answer_tag_is_no_answer():
 def test_empty_answer_tag_is_an_empty_answer():
     assert extract_answer("<answer>  </answer>") == ""
     assert score("<answer>  </answer>", "Paris") == {"score": 0.0, "em": 0.0, "f1": 0.0}
+
+
+def test_reopened_answer_tag_answers_with_what_follows_the_last_opening():
+    assert extract_answer("<answer>a <answer>b</answer>") == "b"
+    assert extract_answer("<answer>x</answer> stray </answer>") == "x"
+
+
+@pytest.mark.timeout(30)
+def test_sixteen_thousand_unclosed_answer_tags_are_scored_in_linear_time():
+    text = "<answer>" * 16_000  # 128 KB; a lazy regex rescans the rest of the text from every tag
+    started = time.perf_counter()
+    assert extract_answer(text) is None
+    assert score(text, "Paris")["score"] == 0.0
+    assert extract_answer(text + "Paris</answer>") == "Paris"
+    assert time.perf_counter() - started < 0.5
+
+
+# --- the policy's own text ----------------------------------------------------------------------
+
+# One search step, the passages it got back, one final step (the step agent loop's extra_fields).
+SEARCH_STEP = '<tool_call>{"name": "search", "arguments": {"query_list": ["capital of France"]}}</tool_call>'
+QUOTING_PASSAGE = "Doc 1 (Title: Quiz) The key of the quiz is <answer>Paris</answer>."
+
+
+def transcript_and_extra_info(final_step: str) -> tuple[str, dict]:
+    steps = [SEARCH_STEP, final_step]
+    transcript = f"{SEARCH_STEP}\n{QUOTING_PASSAGE}\n{final_step}"
+    return transcript, {"index": 0, ACTION_TEXTS: steps, OBSERVATION_TEXTS: [QUOTING_PASSAGE]}
+
+
+def test_answer_tag_inside_a_retrieved_passage_scores_nothing():
+    transcript, extra_info = transcript_and_extra_info("I could not find it.")
+    assert score(transcript, "Paris", extra_info=extra_info) == {"score": 0.0, "em": 0.0, "f1": 0.0}
+    transcript, extra_info = transcript_and_extra_info("<answer>Paris</answer>")
+    assert score(transcript, "Paris", extra_info=extra_info)["em"] == 1.0
+
+
+def test_answer_tags_around_an_observation_are_no_answer():
+    """The policy opens the tag in one step and closes it in the next: the answer would be the tool's text."""
+    extra_info = {ACTION_TEXTS: ["<answer>", "</answer>"], OBSERVATION_TEXTS: ["Paris"]}
+    assert score("<answer>Paris</answer>", "Paris", extra_info=extra_info)["score"] == 0.0
+
+
+def test_the_latest_step_with_an_answer_wins():
+    extra_info = {ACTION_TEXTS: ["<answer>Lyon</answer>", "<answer>Paris</answer>", "done"], OBSERVATION_TEXTS: []}
+    assert score("ignored", "Paris", extra_info=extra_info)["em"] == 1.0
 
 
 # --- normalisation ------------------------------------------------------------------------------
@@ -208,7 +256,8 @@ def fresh_event_loop():
     loop.close()
 
 
-def test_verl_naive_reward_manager_loads_and_calls_compute_score(fresh_event_loop):
+def naive_reward_manager(**reward_kwargs):
+    """verl's naive reward manager, loaded from config the way verl's reward loop loads it."""
     from verl.trainer.ppo.reward import load_reward_manager
 
     config = OmegaConf.create(
@@ -217,20 +266,34 @@ def test_verl_naive_reward_manager_loads_and_calls_compute_score(fresh_event_loo
                 "custom_reward_function": {
                     "path": "pkg://steppo_verl.rewards.qa",
                     "name": "compute_score",
-                    "reward_kwargs": {"metric": "f1"},
+                    "reward_kwargs": reward_kwargs,
                 },
                 "reward_manager": {"source": "register", "name": "naive"},
                 "sandbox_fusion": {"url": None},
             }
         }
     )
-    manager = load_reward_manager(config, _ByteTokenizer())
+    return load_reward_manager(config, _ByteTokenizer())
+
+
+def test_verl_naive_reward_manager_loads_and_calls_compute_score(fresh_event_loop):
+    manager = naive_reward_manager(metric="f1")
     data = _one_response("I think <answer>New York City Hall</answer>", np.array(["York City", "Boston"]))
 
     result = fresh_event_loop.run_until_complete(manager.run_single(data))
 
     assert result["reward_score"] == pytest.approx(2 / 3)
     assert result["reward_extra_info"] == pytest.approx({"score": 2 / 3, "em": 0.0, "f1": 2 / 3})
+
+
+def test_passage_answer_is_not_scored_through_verls_reward_manager(fresh_event_loop):
+    """verl's agent loop hands each trajectory's extra_fields to the reward loop as ``tool_extra_fields``,
+    which the reward manager merges into ``extra_info``: the policy's steps reach the reward."""
+    transcript, extra_info = transcript_and_extra_info("I could not find it.")
+    data = _one_response(transcript, np.array(["Paris"]))
+    assert fresh_event_loop.run_until_complete(naive_reward_manager().run_single(data))["reward_score"] == 1.0
+    data.non_tensor_batch["tool_extra_fields"] = np.array([extra_info], dtype=object)
+    assert fresh_event_loop.run_until_complete(naive_reward_manager().run_single(data))["reward_score"] == 0.0
 
 
 # --- properties ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from verl.tools.tool_registry import initialize_tools_from_config
 
 from loopback import LOOPBACK, ThreadedServer
 
-from steppo_verl.retrieval import BM25Index, Passage, load_corpus, write_corpus
+from steppo_verl.retrieval import BM25Index, Hit, Passage, load_corpus, write_corpus
 from steppo_verl.retrieval.server import free_port, serve_in_background
 from steppo_verl.tools.search import SEARCH_STEP_REWARD, SearchTool, shared_index
 
@@ -283,6 +283,28 @@ def test_bad_arguments_are_explained_to_the_model(embedded_tool, parameters, pro
     assert metrics["failed"] is True and problem in metrics["error"] and metrics["num_queries"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_lone_surrogate_in_a_query_gives_an_encodable_observation(embedded_tool):
+    text, _, metrics = call(embedded_tool, {"query_list": ["\ud800 Karsk bridge"]})
+    text.encode("utf-8")  # a lone surrogate would raise here, as it does in a tokenizer
+    assert headers(text) == ['Results for "\ufffd Karsk bridge":']
+    assert first_titles(text) == ["Karsk Bridge"] and not metrics["failed"]
+
+
+class _SurrogatePassages:
+    """A backend whose corpus holds a lone surrogate (a JSON corpus may escape one: "\\udfff")."""
+
+    async def retrieve(self, queries, topk):
+        return [[Hit(contents="Broken \udfff title\nBroken \udfff text", score=1.0)] for _ in queries]
+
+
+@pytest.mark.timeout(60)
+def test_lone_surrogate_in_a_passage_gives_an_encodable_observation(embedded_tool):
+    embedded_tool.backend = _SurrogatePassages()
+    text, _, _ = call(embedded_tool, {"query_list": ["anything"]})
+    assert text.splitlines()[1] == "Doc 1 (Title: Broken \ufffd title) Broken \ufffd text"
+
+
 SLOW_INDEX_S = 0.5
 TICK_S = 0.01
 
@@ -356,6 +378,15 @@ def test_http_backend_gives_the_same_observation_as_the_embedded_one(server, loa
         assert call(http_tool, parameters)[:2] == call(embedded_tool, parameters)[:2]
 
 
+@pytest.mark.timeout(120)
+def test_lone_surrogate_in_a_query_is_searched_over_http(server, load_tool):
+    """httpx encodes the request as UTF-8, which a lone surrogate cannot be: the query is fixed first."""
+    http_tool = load_tool(backend="http", url=server.url, timeout_s=10.0)
+    text, _, metrics = call(http_tool, {"query_list": ["\ud800 Karsk bridge"]})
+    assert not metrics["failed"], metrics["error"]
+    assert first_titles(text) == ["Karsk Bridge"]
+
+
 @pytest.mark.timeout(60)
 def test_unreachable_server_gives_a_failure_observation_quickly(load_tool):
     url = f"http://{LOOPBACK}:{free_port(LOOPBACK)}"
@@ -410,3 +441,12 @@ def test_slow_server_gives_a_timeout_observation(slow_server, load_tool):
     assert text.startswith("Search failed: ") and "failed after 2 attempt(s): timeout" in text
     assert text.endswith("You may retry or answer.")
     assert reward == 0.0 and metrics["failed"] is True and "timeout" in metrics["error"]
+
+
+def test_query_longer_than_every_backend_accepts_is_invalid_before_searching():
+    from steppo_verl.retrieval import MAX_QUERY_CHARS
+    from steppo_verl.tools.search import InvalidSearchArguments, parse_arguments
+
+    with pytest.raises(InvalidSearchArguments, match=f"at most {MAX_QUERY_CHARS} characters"):
+        parse_arguments({"query_list": ["ok", "x" * (MAX_QUERY_CHARS + 1)]}, max_queries=4)
+    assert parse_arguments({"query_list": ["x" * MAX_QUERY_CHARS]}, max_queries=4).queries == ["x" * MAX_QUERY_CHARS]

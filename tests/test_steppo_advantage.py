@@ -1,12 +1,13 @@
 """compute_steppo_advantage against a plain-loop reference, plus its error handling."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from layouts import Layout, random_layout, reference_steppo
 
-from steppo_verl.advantage import compute_steppo_advantage, steppo_estimator
+from steppo_verl.advantage import compute_steppo_advantage, discounted_reverse_cumsum, steppo_estimator
 from steppo_verl.protocol import StepLayoutError
 
 GAMMA_LAM = [(1.0, 1.0), (0.99, 1.0), (0.9, 0.95), (0.5, 0.0), (0.0, 0.7)]
@@ -188,3 +189,97 @@ def test_registered_entry_reads_gamma_lam_and_whiten_from_config():
     ref_adv, ref_ret = reference_steppo(layout, 0.9, 0.8, whiten=False)
     torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- numbers
+
+
+def _plain_loop_discounted_sums(x: torch.Tensor, factor: float) -> torch.Tensor:
+    y = torch.zeros_like(x)
+    running = x.new_zeros(x.shape[0])
+    for k in reversed(range(x.shape[1])):
+        running = x[:, k] + factor * running
+        y[:, k] = running
+    return y
+
+
+@pytest.mark.parametrize("num_steps", [0, 1, 7, 255, 256, 257, 600, 1000])
+@pytest.mark.parametrize("factor", [0.0, 0.5, 0.95, 1.0])
+def test_discounted_reverse_cumsum_over_many_steps_matches_the_plain_loop(num_steps, factor):
+    x = torch.randn(3, num_steps, generator=torch.Generator().manual_seed(num_steps), dtype=torch.float64)
+    torch.testing.assert_close(discounted_reverse_cumsum(x, factor), _plain_loop_discounted_sums(x, factor))
+
+
+def test_one_row_of_eight_thousand_one_token_steps_gets_the_exact_advantages():
+    # Tokens alternate action / observation; only the last step is rewarded and V = 0, so
+    # A_k = (gamma * lam)**(K - 1 - k).
+    num_steps, gamma, lam = 8000, 0.999, 0.99
+    mask = torch.zeros(1, 2 * num_steps, dtype=torch.long)
+    mask[0, ::2] = 1
+    rewards = torch.zeros(1, 2 * num_steps, dtype=torch.float64)
+    rewards[0, -1] = 1.0
+    adv, _ = compute_steppo_advantage(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=lam, whiten=False)
+    expected = (gamma * lam) ** torch.arange(num_steps - 1, -1, -1, dtype=torch.float64)
+    torch.testing.assert_close(adv[0, ::2], expected)
+
+
+def _status_kib(field: str) -> int:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def _peak_memory_growth_mib(run) -> float:
+    """How far resident memory peaked during ``run()`` above where it stood before (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets this process's peak (VmHWM) to its current RSS
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def test_one_row_of_eight_thousand_one_token_steps_needs_no_step_by_step_matrix():
+    mask = torch.zeros(1, 16000, dtype=torch.long)
+    mask[0, ::2] = 1  # 8,000 one-token steps
+    rewards, values = torch.zeros(1, 16000), torch.zeros(1, 16000)
+    rewards[0, -1] = 1.0
+    # The K x K discount matrix took +838 MB here; the inputs themselves are 256 KB.
+    growth = _peak_memory_growth_mib(
+        lambda: compute_steppo_advantage(rewards, values, mask, gamma=0.99, lam=0.95, whiten=True)
+    )
+    assert growth < 64, f"advantages of one 8,000-step row raised peak memory by {growth:.0f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_or_bool_rewards_give_float_advantages(dtype):
+    layout = random_layout(2)
+    rewards = (layout.rewards != 0).to(dtype)  # 0/1 rewards at the same places
+    adv, ret = compute_steppo_advantage(
+        rewards, layout.values, layout.response_mask, layout.step_ids, gamma=0.9, lam=0.95, whiten=True
+    )
+    expected = compute_steppo_advantage(
+        rewards.float(), layout.values, layout.response_mask, layout.step_ids, gamma=0.9, lam=0.95, whiten=True
+    )
+    assert adv.dtype == ret.dtype == torch.float32
+    torch.testing.assert_close((adv, ret), expected)
+    assert not torch.equal(adv, adv.round()), "advantages were rounded to integers"
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_huge_finite_rewards_that_overflow_float32_raise_naming_the_sample(whiten):
+    layout = random_layout(0, allow_adjacent_steps=False)
+    b = int(((layout.step_ids.max(dim=1).values >= 1)).nonzero()[0])  # a sample with two steps or more
+    layout.rewards[b] = 0.0
+    layout.rewards[b, layout.step_ids[b] >= 0] = 3e38  # finite, but their discounted sum is not
+    with pytest.raises(ValueError, match=r"advantages overflowed to (nan|inf) at sample \d+, step \d+.*rescale"):
+        _run(layout, 1.0, 1.0, whiten=whiten)
+    if not whiten:  # unwhitened, the overflow stays in its own sample
+        with pytest.raises(ValueError, match=rf"at sample {b},"):
+            _run(layout, 1.0, 1.0, whiten=False)
+
+
+def test_huge_finite_values_that_overflow_returns_raise():
+    layout = random_layout(1, allow_adjacent_steps=False)
+    layout.rewards.fill_(3e38)
+    layout.values.fill_(3e38)
+    layout.bootstrap.zero_()
+    with pytest.raises(ValueError, match="overflowed to"):
+        _run(layout, 1.0, 1.0, whiten=False)

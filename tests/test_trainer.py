@@ -23,8 +23,9 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from steppo_verl.advantage import compute_gigpo_advantage, compute_steppo_advantage
 from steppo_verl.cpu.tiny_model import build_tiny_tokenizer
+from steppo_verl.endings import Ending
 from steppo_verl.protocol import locate_steps
-from steppo_verl.trainer import StepPOTrainer, padded_step_fields, validate_steppo_config
+from steppo_verl.trainer import StepPOTrainer, bootstrap_values, padded_step_fields, validate_steppo_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -64,12 +65,14 @@ def trajectories():
     scripts = [
         ([call("a"), "<answer>x</answer>"], 5, 1.0),
         ([call("b"), call("c"), "<answer>y</answer>"], 5, 0.0),
-        ([call("d"), call("e"), call("f")], 2, 0.0),  # turn limit after 2 steps: truncated
+        ([call("d"), call("e"), call("f")], 2, 0.0),  # turn limit after 2 steps: bootstrapped (below)
         (["<answer>z</answer>"], 5, 1.0),
     ]
     outputs = []
     for turns, max_turns, score in scripts:
-        output = run(tokenizer, ScriptedServer(tokenizer, turns), [EchoSearch(reward=0.1)], max_assistant_turns=max_turns)
+        server = ScriptedServer(tokenizer, turns)
+        output = run(tokenizer, server, [EchoSearch(reward=0.1)], max_assistant_turns=max_turns,
+                     bootstrap_endings=["turn_limit"])
         output.reward_score = score
         outputs.append(output)
     return outputs
@@ -123,7 +126,11 @@ def test_steppo_advantages_from_transfer_queue(transfer_queue, trajectories):
     torch.testing.assert_close(stored["returns"].to_padded_tensor(0.0), ret)
 
     assert metrics["steppo/truncated_frac"] == pytest.approx(0.25)
+    assert metrics["steppo/ending/turn_limit"] == pytest.approx(0.25)
+    assert metrics["steppo/ending/answer"] == pytest.approx(0.75)
     assert metrics["steppo/num_steps/max"] == 3 and metrics["steppo/num_steps/min"] == 1
+    # The four trajectories start from the same prompt: step 0 is one state visited four times.
+    assert metrics["steppo/critic/repeated_states"] >= 1
     assert all(np.isfinite(v) for v in metrics.values())
 
 
@@ -150,6 +157,27 @@ def test_per_step_records_are_dumped_with_the_estimators_values(transfer_queue, 
         assert record["advantage"] == pytest.approx(float(advantages[row, start]), abs=1e-6)
         assert record["value"] == pytest.approx(float(samples[row]["values"][start]), abs=1e-6)
         assert record["truncated"] == (bool(samples[row]["truncated"]) and record["step"] == record["num_steps"] - 1)
+        assert record["ending"] == Ending.from_code(int(samples[row]["ending"])).value
+        if record["step"] == record["num_steps"] - 1:
+            index = int(samples[row]["bootstrap_index"])
+            expected = float(samples[row]["values"][index]) if samples[row]["truncated"] else 0.0
+            assert record["bootstrap_value"] == pytest.approx(expected, abs=1e-6)
+        else:
+            assert record["bootstrap_value"] is None
+    assert {r["ending"] for r in records} == {"answer", "turn_limit"}
+    for record in records:
+        row = int(record["trajectory_id"].split("#")[1])
+        start = samples[row]["step_ids"].tolist().index(record["step"])
+        assert record["state_key"] == int(samples[row]["step_keys"][start])
+        # gamma 0.9: the outcome is the discounted reward-to-go (+ V_K for the bootstrapped row)
+        ids, rewards = samples[row]["step_ids"], samples[row]["rm_scores"] + samples[row]["env_rewards"]
+        after = rewards[start:]
+        step_of = torch.cummax(torch.where(ids[start:] >= 0, ids[start:], torch.tensor(-1)), dim=0).values
+        expected = sum(float(r) * 0.9 ** int(k - record["step"]) for r, k in zip(after, step_of))
+        if samples[row]["truncated"]:
+            remaining = int(record["num_steps"]) - int(record["step"])
+            expected += 0.9**remaining * float(samples[row]["values"][int(samples[row]["bootstrap_index"])])
+        assert record["outcome"] == pytest.approx(expected, abs=1e-5)
 
 
 def test_gigpo_uses_the_agent_loops_state_keys(transfer_queue, trajectories):
@@ -246,3 +274,78 @@ def test_default_agent_loop_must_be_the_step_agent_when_the_data_does_not_say():
         validate_steppo_config(config)
     ok = verl_config("algorithm.adv_estimator=gigpo", "data.train_files=[]", "+algorithm.steppo.step_ids=mask")
     validate_steppo_config(ok)
+
+
+# ----------------------------------------------------------------------------- verl's batch edits
+
+
+def test_step_fields_follow_verls_padding_samples_and_rejected_tokens(trajectories):
+    """verl pads with copies of a sample whose response is one masked token, and rejection sampling masks
+    tokens: the step fields must agree with the edited response_mask, and the estimator must run."""
+    from verl.trainer.ppo.padding_utils import construct_minimal_padding_template
+
+    from steppo_verl.trainer import align_step_fields
+
+    samples = [output.as_dict() for output in trajectories]
+    template, tag = construct_minimal_padding_template(dict(samples[1]), {}, eos_token_id=0)
+    assert tag["is_padding"] and len(template["step_ids"]) > 1, "verl copies the step fields unchanged"
+    rows = samples + [template]
+    nested = {name: torch.nested.as_nested_tensor([r[name] for r in rows], layout=torch.jagged)
+              for name in ("response_mask", "step_ids", "env_rewards", "step_keys")}
+    nested.update({name: torch.stack([r[name] for r in rows]) for name in ("truncated", "bootstrap_index", "ending")})
+    fields = padded_step_fields(nested)
+    mask = nested["response_mask"].to_padded_tensor(0)
+    # Rejection sampling masks the middle token of row 1's first step and all of row 2.
+    first_step = (fields["step_ids"][1] == 0).nonzero().flatten()
+    mask[1, first_step[len(first_step) // 2]] = 0
+    mask[2] = 0
+    with pytest.raises(ValueError):
+        locate_steps(mask, fields["step_ids"])  # what the estimator saw before
+    aligned = align_step_fields(fields, mask)
+    steps = locate_steps(mask, aligned["step_ids"])  # valid now
+    assert steps.num_steps[4] == 0 and steps.num_steps[2] == 0, "padding and rejected rows have no steps"
+    assert steps.num_steps[1] == int(fields["step_ids"][1].max()) + 2, "the cut step becomes its two runs"
+    torch.testing.assert_close(aligned["step_ids"][[0, 3]], fields["step_ids"][[0, 3]])
+    assert aligned["bootstrap_index"][4] == -1, "the copied V(s_K) position lies past the padding's response"
+    rewards = torch.zeros(mask.shape)
+    compute_steppo_advantage(rewards, torch.rand(mask.shape), mask, aligned["step_ids"],
+                             bootstrap_values=bootstrap_values(torch.rand(mask.shape), aligned))
+
+
+def test_token_loss_with_a_gspo_scale_clip_fails_at_start_up():
+    config = verl_config(
+        "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+        "actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4",
+    )
+    with pytest.raises(ValueError, match="clip_ratio_low=0.2 and clip_ratio_high=0.2"):
+        validate_steppo_config(config)
+    for loss_mode in ("steppo", "steppo_step_mean", "gspo"):  # ratio-per-sequence/step losses: fine
+        validate_steppo_config(verl_config(
+            "algorithm.adv_estimator=grpo", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
+            "actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4",
+        ))
+
+
+def test_unknown_value_loss_positions_fail_at_start_up():
+    config = verl_config("algorithm.adv_estimator=grpo", "+algorithm.steppo.value_loss=every_token")
+    with pytest.raises(ValueError, match=r"value_loss must be one of \('tokens', 'step_starts'\)"):
+        validate_steppo_config(config)
+
+
+def test_steppo_config_trains_the_critic_at_step_starts_with_a_gspo_scale_step_clip():
+    from hydra import compose, initialize_config_dir
+    from importlib.resources import files
+
+    with initialize_config_dir(config_dir=str(files("steppo_verl") / "config"), version_base=None):
+        config = compose("steppo_trainer")
+    assert config.algorithm.steppo.value_loss == "step_starts"
+    actor = config.actor_rollout_ref.actor
+    assert (actor.clip_ratio_low, actor.clip_ratio_high, actor.policy_loss.loss_mode) == (3e-4, 4e-4, "steppo")
+
+
+def test_replay_buffer_polls_at_the_configured_interval():
+    trainer = trainer_with(verl_config("+trainer.steppo_replay_poll_s=0.1"))
+    assert trainer._build_replay_buffer().poll_interval == 0.1
+    assert trainer_with(verl_config())._build_replay_buffer().poll_interval == 2.0  # verl's own default
+    with pytest.raises(ValueError, match="steppo_replay_poll_s must lie in"):
+        trainer_with(verl_config("+trainer.steppo_replay_poll_s=0"))._build_replay_buffer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 
 import numpy as np
@@ -15,12 +16,13 @@ from test_agent_loop import ScriptedServer, make_loop
 from verl.tools.schemas import OpenAIFunctionToolSchema
 from verl.tools.tool_registry import initialize_tools_from_config
 
-from steppo_verl.agent_loop import Ending
+from steppo_verl.endings import Ending
 from steppo_verl.cpu.tiny_model import build_tiny_model, build_tiny_tokenizer, demonstration_text
 from steppo_verl.cpu.warm_start import render, warm_start
 from steppo_verl.data import vault
 from steppo_verl.rewards.vault import compute_score
 from steppo_verl.tools.vault import DEAD_END, VaultPath, schema_doors, vault_observation
+from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS
 
 ROOMS, DOORS = ["amber", "birch", "cedar"], ["red", "blue", "red"]
 
@@ -117,20 +119,45 @@ def test_the_doors_come_from_the_schema_enum(tool):
 # ---------------------------------------------------------------- reward
 
 
+def episode(observation, answer_step):
+    """A one-door episode as verl scores it: the transcript, and extra_info with the step agent loop's texts."""
+    steps = ['<tool_call>{"name": "open_door", "arguments": {"door": "red"}}</tool_call>', answer_step]
+    transcript = f"{steps[0]}\n{observation}\n{steps[1]}"
+    return transcript, {"index": 0, ACTION_TEXTS: steps, OBSERVATION_TEXTS: [observation]}
+
+
 @pytest.mark.parametrize(
-    "transcript, expected",
+    "observation, answer_step, expected",
     [
-        (f"{vault_observation('navy')}\n<answer>open</answer>", 1.0),
-        (f"{vault_observation('navy')}\n<answer> Open </answer>", 1.0),
-        ("You are in room birch.\n<answer>open</answer>", 0.0),  # claims the vault without opening it
-        (f"{vault_observation('lime')}\n<answer>open</answer>", 0.0),  # another question's vault
-        (f"{vault_observation('navy')}\n<answer>none</answer>", 0.0),  # opened it but reports it shut
-        (f"{vault_observation('navy')}", 0.0),  # no answer
+        (vault_observation("navy"), "<answer>open</answer>", 1.0),
+        (vault_observation("navy"), "<answer> Open </answer>", 1.0),
+        ("You are in room birch.", "<answer>open</answer>", 0.0),  # claims the vault without opening it
+        (vault_observation("lime"), "<answer>open</answer>", 0.0),  # another question's vault
+        (vault_observation("navy"), "<answer>none</answer>", 0.0),  # opened it but reports it shut
+        (vault_observation("navy"), "", 0.0),  # no answer
     ],
 )
-def test_the_reward_needs_the_opened_vault_and_the_answer_open(transcript, expected):
+def test_the_reward_needs_the_opened_vault_and_the_answer_open(observation, answer_step, expected):
+    transcript, extra_info = episode(observation, answer_step)
     for ground_truth in ("navy", ["navy"], np.array(["navy"], dtype=object)):
-        assert compute_score("vault", transcript, ground_truth) == expected
+        assert compute_score("vault", transcript, ground_truth, extra_info=extra_info) == expected
+
+
+def test_vault_code_written_by_the_policy_itself_earns_nothing():
+    transcript, extra_info = episode("Dead end.", f"{vault_observation('navy')} <answer>open</answer>")
+    assert vault_observation("navy") in transcript
+    assert compute_score("vault", transcript, "navy", extra_info=extra_info) == 0.0
+
+
+def test_vault_answer_quoted_by_an_observation_is_not_the_policys():
+    transcript, extra_info = episode(f"{vault_observation('navy')} <answer>open</answer>", "I am done.")
+    assert compute_score("vault", transcript, "navy", extra_info=extra_info) == 0.0
+
+
+def test_vault_reward_without_the_agent_loops_observations_is_refused():
+    transcript, _ = episode(vault_observation("navy"), "<answer>open</answer>")
+    with pytest.raises(ValueError, match="observation_texts"):
+        compute_score("vault", transcript, "navy", extra_info={"index": 0})
 
 
 # ---------------------------------------------------------------- data and demonstrations
@@ -258,12 +285,127 @@ def test_an_episode_through_the_step_agent_loop_earns_the_reward(task, tool):
 
     output = asyncio.run(episode())
     assert output.extra_fields["ending"] == Ending.ANSWER.value
-    assert output.extra_fields["num_steps"] == 4
+    assert output.extra_fields["num_steps"] == len(output.extra_fields[ACTION_TEXTS]) == 4
     transcript = tokenizer.decode(output.response_ids, skip_special_tokens=True)
-    assert compute_score("vault", transcript, row["reward_model"]["ground_truth"]) == 1.0
+    assert compute_score("vault", transcript, row["reward_model"]["ground_truth"], output.extra_fields) == 1.0
     wrong = random.Random(0).choice([d for d in ("red", "blue") if d != kwargs["doors"][0]])
     server = ScriptedServer(tokenizer, [calls[0].replace(kwargs["doors"][0], wrong), "<answer>open</answer>"])
     output = asyncio.run(episode())
     transcript = tokenizer.decode(output.response_ids, skip_special_tokens=True)
     assert "Dead end." in transcript
-    assert compute_score("vault", transcript, row["reward_model"]["ground_truth"]) == 0.0
+    assert compute_score("vault", transcript, row["reward_model"]["ground_truth"], output.extra_fields) == 0.0
+
+
+# ---------------------------------------------------------------- a policy that can read the room (issue 16)
+
+
+@pytest.fixture(scope="module")
+def practice_task(tmp_path_factory):
+    """The same seed twice: the default world (red, blue, blue: first-vs-later) and its redraw."""
+    tasks = {}
+    for reject in (False, True):
+        out = tmp_path_factory.mktemp(f"vault_practice_{reject}")
+        tasks[reject] = out, vault.write_task(out, num_chains=1, depth=3, seed=0, num_demos=200, val_codes=4,
+                                              practice_rooms=6, room_tokens=True, reject_first_vs_later=reject)
+    return tasks
+
+
+def test_room_names_split_into_pieces_become_single_tokens_with_room_tokens(practice_task):
+    out, world = practice_task[True]
+    tokenizer = build_tiny_tokenizer(extra_text=demonstration_text(out / "demos.jsonl", limit=50),
+                                     extra_tokens=json.loads((out / "added_tokens.json").read_text()))
+    rooms = [*world["chains"][0], *world["practice_door"]]
+    assert len(rooms) == 9
+    for room in rooms:
+        tokens = tokenizer.tokenize(f"You are in room {room}.")
+        assert tokens[-2:] == [vault.room_token(room), "."], room
+        assert tokenizer.decode(tokenizer.encode(f"You are in room {room}.")) == f"You are in room {room}."
+
+
+def test_default_task_keeps_its_tokens_and_first_vs_later_world(task, tmp_path):
+    world = vault.write_task(tmp_path, num_chains=1, depth=3, seed=0, num_demos=4, val_codes=4)
+    assert json.loads((tmp_path / "added_tokens.json").read_text()) == vault.call_boilerplate()
+    assert [world["right_door"][room] for room in world["chains"][0]] == ["red", "blue", "blue"]
+    assert world["practice_door"] == {}
+
+
+def test_demonstrations_are_identical_whatever_the_worlds_right_doors(practice_task):
+    (default_out, default_world), (redrawn_out, redrawn_world) = practice_task[False], practice_task[True]
+    assert default_world["chains"] == redrawn_world["chains"]
+    assert default_world["right_door"] != redrawn_world["right_door"]
+    # The demonstrations are a function of the rooms and the seed only: nothing of the right doors leaks.
+    assert (default_out / "demos.jsonl").read_bytes() == (redrawn_out / "demos.jsonl").read_bytes()
+
+
+def walked_rooms(messages):
+    """``(room, door opened there, position)`` for each call of a demonstration."""
+    room = messages[1]["content"].removeprefix("You are in room ").rstrip(".")
+    for position, (message, reply) in enumerate(zip(messages[2::2], messages[3::2])):
+        if message.get("tool_calls"):
+            yield room, message["tool_calls"][0]["function"]["arguments"]["door"], position
+            room = reply["content"].removeprefix("You are in room ").rstrip(".")
+
+
+def test_practice_rooms_in_any_position_open_their_own_door_and_never_mix_with_world_rooms(practice_task):
+    out, world = practice_task[True]
+    taught, world_rooms = world["practice_door"], set(world["chains"][0])
+    assert set(taught) & world_rooms == set() and set(taught.values()) == {"red", "blue"}
+    positions = {room: set() for room in taught}
+    practice_demos = 0
+    for line in (out / "demos.jsonl").read_text().splitlines():
+        walk = list(walked_rooms(json.loads(line)["messages"]))
+        if walk[0][0] in taught:
+            practice_demos += 1
+            for room, door, position in walk:
+                assert room in taught and door == taught[room]
+                positions[room].add(position)
+        else:
+            assert {room for room, _, _ in walk} <= world_rooms
+    assert 60 < practice_demos < 140, "about half of the 200 demonstrations practise"
+    assert all(len(seen) > 1 for seen in positions.values()), "a practice door must not follow the position"
+
+
+def test_too_few_practice_rooms_for_the_depth_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="practice rooms: need between 5"):
+        vault.write_task(tmp_path, num_chains=1, depth=5, seed=0, num_demos=4, val_codes=4, practice_rooms=4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_first_vs_later_world_of_a_seed_is_redrawn_when_asked(seed):
+    world = vault.VaultWorld.generate(1, 3, ("red", "blue"), seed, reject_first_vs_later=True)
+    assert not world.first_vs_later()
+    assert world.chains == vault.VaultWorld.generate(1, 3, ("red", "blue"), seed).chains
+
+
+def test_first_vs_later_rejection_of_a_world_with_no_alternative_is_refused():
+    with pytest.raises(ValueError, match="two chains or three rooms"):
+        vault.VaultWorld.generate(1, 2, ("red", "blue"), 0, reject_first_vs_later=True)
+    assert vault.VaultWorld.generate(2, 2, ("red", "blue"), 0, reject_first_vs_later=True).first_vs_later() is False
+
+
+def test_worlds_of_different_seeds_have_different_right_door_patterns():
+    patterns = {tuple(world.right_door[room] for room in world.chains[0])
+                for world in (vault.VaultWorld.generate(1, 3, ("red", "blue"), seed, True) for seed in range(8))}
+    assert len(patterns) >= 3
+
+
+@pytest.mark.skipif(not os.environ.get("STEPPO_SLOW_TESTS"),
+                    reason="trains a tiny model for minutes on 2 shared cores; set STEPPO_SLOW_TESTS=1")
+def test_right_door_fine_tuning_of_the_tiny_policy_solves_a_non_first_vs_later_world(practice_task, tmp_path):
+    """The representability check, small: a random tiny model fine-tuned on the right doors of a world that
+    counting calls cannot solve plays it through the real environment and reward, greedy and sampled."""
+    from steppo_verl.cpu import representable
+
+    out, description = practice_task[True]
+    model_dir = build_tiny_model(tmp_path / "random", extra_text=demonstration_text(out / "demos.jsonl", limit=50),
+                                 extra_tokens=json.loads((out / "added_tokens.json").read_text()))
+    world, tools = vault.VaultWorld.from_description(description), representable.tool_schemas()
+    representable.fine_tune_on_right_doors(model_dir, world, tools, tmp_path / "tuned", steps=200, batch_size=16)
+    model, tokenizer = representable.load_policy(tmp_path / "tuned")
+    doors = tuple(description["doors"])
+    assert representable.play(model, tokenizer, world, tools, doors, episodes=16, sample=False) >= 0.95
+    assert representable.play(model, tokenizer, world, tools, doors, episodes=32, sample=True) >= 0.95
+    walk = representable.room_contexts(world, {})
+    for room in world.chains[0]:
+        probabilities = representable.door_probabilities(model, tokenizer, walk[room], tools, list(doors))
+        assert probabilities[world.right_door[room]] > 0.9, (room, probabilities)

@@ -35,6 +35,11 @@ set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
 
+# The baselines' token-level loss with its own clip range: steppo_trainer.yaml's GSPO-scale bounds are
+# for the step loss's geometric-mean ratio and would freeze a token ratio.
+TOKEN_LOSS=(actor_rollout_ref.actor.policy_loss.loss_mode=vanilla
+  actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.2)
+
 # Run a preparation command, or only show it in a dry run.
 step() {
   if [ "$DRY_RUN" = 1 ]; then printf '[dry run] would run:'; printf ' %q' "$@"; echo; else "$@"; fi

@@ -3,21 +3,23 @@
 # format with random doors, learns which door is right in each room through the real trainer.
 #   PYTHON=.venv/bin/python bash recipe/steppo/run_cpu_vault.sh [hydra overrides]
 # Environment: ESTIMATOR (steppo | grpo | gae | gigpo; the same budget for each), SEED (the run's
-# sampling and data order, 0), STEPS (training steps, 10), WORK_DIR (task data and warm-started model,
-# shared by runs; default $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED),
-# PYTHON, DRY_RUN=1 (print what would run).
+# sampling and data order, 0), WORLD (the vault's layout: which door is right in each room, 0), STEPS
+# (training steps, 10), WORK_DIR (task data and warm-started model per world, shared by runs; default
+# $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED), PYTHON,
+# DRY_RUN=1 (print what would run).
 source "$(dirname "$0")/common.sh"
 : "${WORK_DIR:=${TMPDIR:-/tmp}/steppo_vault}"
 : "${ESTIMATOR:=steppo}"
 : "${SEED:=0}"
 : "${STEPS:=10}"
+: "${WORLD:=0}"
 export HF_HUB_OFFLINE=1
 
 case "$ESTIMATOR" in
   steppo) algorithm=() ;;  # steppo_trainer.yaml: step GAE with a critic, one clipped ratio per step
-  grpo) algorithm=(algorithm.adv_estimator=grpo critic.enable=false actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
-  gae) algorithm=(algorithm.adv_estimator=gae actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
-  gigpo) algorithm=(algorithm.adv_estimator=gigpo critic.enable=false actor_rollout_ref.actor.policy_loss.loss_mode=vanilla) ;;
+  grpo) algorithm=(algorithm.adv_estimator=grpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
+  gae) algorithm=(algorithm.adv_estimator=gae "${TOKEN_LOSS[@]}") ;;
+  gigpo) algorithm=(algorithm.adv_estimator=gigpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
   *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo; got '$ESTIMATOR'" ;;
 esac
 
@@ -25,10 +27,10 @@ check_python
 mkdir -p "$WORK_DIR"
 WORK_DIR=$(cd "$WORK_DIR" && pwd)
 : "${RUN_DIR:=$WORK_DIR/runs/$ESTIMATOR-$SEED}"
-TASK_DIR=$WORK_DIR/task
-MODEL_PATH=$WORK_DIR/model
+TASK_DIR=$WORK_DIR/task-world$WORLD
+MODEL_PATH=$WORK_DIR/model-world$WORLD
 
-[ -f "$TASK_DIR/train.parquet" ] || step "$PYTHON" -m steppo_verl.data.vault --out "$TASK_DIR"
+[ -f "$TASK_DIR/train.parquet" ] || step "$PYTHON" -m steppo_verl.data.vault --out "$TASK_DIR" --seed "$WORLD"
 [ -f "$MODEL_PATH/config.json" ] || step "$PYTHON" -m steppo_verl.cpu.tiny_model --out "$MODEL_PATH" \
   --warm-start "$TASK_DIR/demos.jsonl" --added-tokens "$TASK_DIR/added_tokens.json"
 

@@ -5,7 +5,7 @@ source "$(dirname "$0")/common.sh"
 
 launch \
   algorithm.adv_estimator=grpo \
-  actor_rollout_ref.actor.policy_loss.loss_mode=vanilla \
+  "${TOKEN_LOSS[@]}" \
   critic.enable=false \
   actor_rollout_ref.rollout.n=8 \
   data.train_batch_size=32 \

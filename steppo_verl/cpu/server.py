@@ -4,16 +4,23 @@ verl's agent loops talk to a rollout server through one Ray actor method,
 ``generate(request_id=, prompt_ids=, sampling_params=, ...) -> TokenOutput``, and the trainer drives
 its lifecycle (``wake_up``/``sleep``/``clear_kv_cache``/``abort_all_requests``/...). vLLM and SGLang
 need an accelerator; this server needs only torch and transformers, so the real trainer can run on
-a CPU (tests, CI, a laptop). It decodes one request at a time with a KV cache, sampling the way vLLM
-does (repetition penalty, temperature, top-k, top-p) and reporting the sampled tokens' log-probs in
-vLLM's ``logprobs_mode`` (verl's default ``processed_logprobs``: after temperature and top-k/top-p).
-New weights arrive each step through :meth:`HFRolloutServer.load_weights` (see ``rollout.py``).
+a CPU (tests, CI, a laptop). It samples the way vLLM does (repetition penalty, temperature, top-k,
+top-p) and reports the sampled tokens' log-probs in vLLM's ``logprobs_mode`` (verl's default
+``processed_logprobs``: after temperature and top-k/top-p).
+
+Agent loops send many short requests at once, and on a CPU a small model's time goes into the
+per-forward overhead, not the arithmetic, so requests are decoded in batches: every request waiting
+when a batch starts (up to ``max_batch_size``) is left-padded into one batch and decoded with one
+KV cache to completion, each row with its own sampling parameters and stop rule; requests that
+arrive meanwhile wait for the next batch. New weights arrive each step through
+:meth:`HFRolloutServer.load_weights` (see ``rollout.py``), never in the middle of a batch.
 Lifecycle calls are no-ops: the model stays resident in host memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,38 +29,103 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.rollout.replica import TokenOutput
 
 
-def process_logits(
-    logits: torch.Tensor, history: list[int], temperature: float, top_k: int, top_p: float, repetition_penalty: float
+def process_logits_batch(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    repetition_penalty: torch.Tensor,
 ) -> torch.Tensor:
-    """Logits after vLLM's sampling pipeline: repetition penalty, temperature, then top-k/top-p masking.
+    """Logits after vLLM's sampling pipeline, row by row: repetition penalty, temperature, then top-k/top-p masking.
 
-    ``temperature <= 0`` means greedy; the logits are then returned unscaled.
+    logits: (B, V); seen: (B, V) bool, the tokens of each row's prompt and response so far (what the
+    repetition penalty applies to); temperature, top_p, repetition_penalty: (B,) float; top_k: (B,) int,
+    ``<= 0`` or ``>= V`` for no top-k. A row with ``temperature <= 0`` is greedy: its logits are
+    returned penalised but unscaled and unmasked. Returns (B, V) float32.
     """
     logits = logits.float()
-    if repetition_penalty != 1.0 and history:
-        seen = torch.tensor(sorted(set(history)))
-        scores = logits[seen]
-        logits[seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
-    if temperature <= 0:
-        return logits
-    logits = logits / temperature
-    if 0 < top_k < logits.numel():
-        logits[logits < torch.topk(logits, top_k).values[-1]] = float("-inf")
-    if top_p < 1.0:
-        probs, order = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+    penalised = seen & (repetition_penalty != 1.0)[:, None]
+    if penalised.any():
+        penalty = repetition_penalty[:, None]
+        logits = torch.where(penalised, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    sampled = temperature > 0
+    logits = torch.where(sampled[:, None], logits / torch.where(sampled, temperature, 1.0)[:, None], logits)
+    vocab = logits.shape[-1]
+    top_k_rows = sampled & (top_k > 0) & (top_k < vocab)
+    if top_k_rows.any():
+        descending = torch.sort(logits, dim=-1, descending=True).values
+        kth_largest = descending.gather(-1, (top_k.clamp(1, vocab) - 1)[:, None])
+        logits = logits.masked_fill(top_k_rows[:, None] & (logits < kth_largest), float("-inf"))
+    top_p_rows = sampled & (top_p < 1.0)
+    if top_p_rows.any():
+        probs, order = torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)
         # drop a token once the more likely ones already cover top_p (the most likely always stays)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        logits[order[drop]] = float("-inf")
+        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(top_p_rows[:, None] & drop, float("-inf"))
     return logits
 
 
-class HFRolloutServer:
-    """Ray actor: one replica's model, its sampler and verl's rollout-server lifecycle methods."""
+def process_logits(
+    logits: torch.Tensor, history: list[int], temperature: float, top_k: int, top_p: float, repetition_penalty: float
+) -> torch.Tensor:
+    """:func:`process_logits_batch` for one row: logits (V,) after the tokens ``history``; returns (V,)."""
+    seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    seen[list(history)] = True
+    return process_logits_batch(
+        logits[None],
+        seen[None],
+        torch.tensor([temperature]),
+        torch.tensor([top_k]),
+        torch.tensor([top_p]),
+        torch.tensor([repetition_penalty]),
+    )[0]
 
-    def __init__(self, config, model_config, replica_rank: int = 0):
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left to the longest: input ids, attention mask and position ids, each (B, T).
+
+    Each row's positions count its own tokens from 0, as if it were alone (pads get position 0).
+    """
+    longest = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_id] * (longest - len(prompt)) + prompt for prompt in prompts])
+    attention_mask = torch.tensor([[0] * (longest - len(prompt)) + [1] * len(prompt) for prompt in prompts])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+@dataclass
+class _Request:
+    """One ``generate`` call waiting for (or in) a batch, with its sampling parameters resolved."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    stop_ids: set[int]
+    result: asyncio.Future  # (token_ids, log_probs, global_steps of the weights that decoded them)
+
+
+class HFRolloutServer:
+    """Ray actor: one replica's model, its batched sampler and verl's rollout-server lifecycle methods.
+
+    Determinism: one generator, seeded with ``config.seed + replica_rank``, is drawn once per decoding
+    step for the batch's sampled (``temperature > 0``) rows together, in arrival order. A request's
+    sample therefore depends on which requests share its batch and in which order they arrived: the
+    same requests sent together to a fresh server give the same outputs; greedy rows draw nothing.
+    """
+
+    def __init__(
+        self, config, model_config, replica_rank: int = 0, max_batch_size: int = 64, batch_window_s: float = 0.002
+    ):
         self.config = omega_conf_to_dataclass(config)
         self.model_config = model_config
         self.replica_rank = replica_rank
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s  # how long a new batch waits for requests sent together with the first
         path = getattr(model_config, "local_path", None) or model_config.path
         # float32 on purpose: the FSDP actor computes log-probs in float32 on CPU, so rollout and
         # actor log-probs agree (bfloat16 decoding would put ~1e-2 noise into importance ratios).
@@ -71,7 +143,9 @@ class HFRolloutServer:
         self.eos_token_ids = set(eos)
         self.generator = torch.Generator().manual_seed(self.config.seed + replica_rank)
         self.global_steps = None
-        self._lock = asyncio.Lock()  # one request (or weight load) at a time
+        self._lock = asyncio.Lock()  # one batch (or weight load) at a time
+        self._waiting: list[_Request] = []
+        self._batcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ generation
 
@@ -87,17 +161,37 @@ class HFRolloutServer:
         """Sample one response for ``prompt_ids`` (text only); same contract as verl's vLLM server."""
         if image_data is not None or video_data is not None or kwargs.get("audio_data") is not None:
             raise NotImplementedError("the hf rollout server is text-only")
-        prompt_ids = list(prompt_ids)
-        params = dict(sampling_params)
-        max_tokens = self._max_tokens(len(prompt_ids), params)
-        async with self._lock:
-            token_ids, log_probs = await asyncio.to_thread(self._decode, prompt_ids, params, max_tokens)
+        request = self._request(list(prompt_ids), dict(sampling_params))
+        self._waiting.append(request)
+        if self._batcher is None or self._batcher.done():
+            self._batcher = asyncio.create_task(self._decode_waiting())
+        token_ids, log_probs, global_steps = await request.result
         return TokenOutput(
             token_ids=token_ids,
-            log_probs=log_probs if params.get("logprobs") else None,
+            log_probs=log_probs if sampling_params.get("logprobs") else None,
             stop_reason="completed",
-            extra_fields={"global_steps": self.global_steps},
+            extra_fields={"global_steps": global_steps},
         )
+
+    def _request(self, prompt_ids: list[int], params: dict[str, Any]) -> _Request:
+        """A waiting request; bad parameters fail here, in their own caller, before they reach a batch."""
+        ignore_eos = params.get("ignore_eos", self.config.ignore_eos)
+        request = _Request(
+            prompt_ids=prompt_ids,
+            max_tokens=self._max_tokens(len(prompt_ids), params),
+            temperature=float(params.get("temperature", 1.0)),
+            top_k=int(params.get("top_k", -1) or -1),
+            top_p=float(params.get("top_p", 1.0)),
+            repetition_penalty=float(params.get("repetition_penalty", self.config.get("repetition_penalty", 1.0))),
+            stop_ids=set(params.get("stop_token_ids") or ()) | (set() if ignore_eos else self.eos_token_ids),
+            result=asyncio.get_running_loop().create_future(),
+        )
+        # vLLM's bounds: outside them the sampler would divide by zero or mask every token
+        if not 0.0 < request.top_p <= 1.0:
+            raise ValueError(f"sampling_params top_p must be in (0, 1], got {request.top_p}")
+        if request.repetition_penalty <= 0.0:
+            raise ValueError(f"sampling_params repetition_penalty must be > 0, got {request.repetition_penalty}")
+        return request
 
     def _max_tokens(self, prompt_len: int, params: dict[str, Any]) -> int:
         """verl's vLLM server rule: ``max_tokens`` (or ``max_new_tokens``), else the configured
@@ -113,34 +207,112 @@ class HFRolloutServer:
             )
         return max(1, min(int(requested), room))
 
-    @torch.no_grad()
-    def _decode(self, prompt_ids: list[int], params: dict[str, Any], max_tokens: int) -> tuple[list[int], list[float]]:
-        temperature = float(params.get("temperature", 1.0))
-        top_k = int(params.get("top_k", -1) or -1)
-        top_p = float(params.get("top_p", 1.0))
-        penalty = float(params.get("repetition_penalty", self.config.get("repetition_penalty", 1.0)))
-        processed = self.config.logprobs_mode in (None, "processed_logprobs")
-        ignore_eos = params.get("ignore_eos", self.config.ignore_eos)
-        stop_ids = set(params.get("stop_token_ids") or ()) | (set() if ignore_eos else self.eos_token_ids)
+    async def _decode_waiting(self) -> None:
+        """Decode the waiting requests, batch after batch, until none is left."""
+        while self._waiting:
+            await asyncio.sleep(self.batch_window_s)
+            async with self._lock:
+                batch = [request for request in self._waiting[: self.max_batch_size] if not request.result.done()]
+                del self._waiting[: self.max_batch_size]
+                if not batch:  # every caller in it gave up (cancelled)
+                    continue
+                try:
+                    outputs = await asyncio.to_thread(self._decode_batch, batch)
+                except Exception as error:  # the whole batch fails together; later batches still run
+                    for request in batch:
+                        if not request.result.done():
+                            request.result.set_exception(error)
+                    continue
+                for request, (token_ids, log_probs) in zip(batch, outputs):
+                    if not request.result.done():
+                        request.result.set_result((token_ids, log_probs, self.global_steps))
 
+    @torch.no_grad()
+    def _decode_batch(self, batch: list[_Request]) -> list[tuple[list[int], list[float]]]:
+        """Decode the requests together to completion; a row leaves the batch when it stops.
+
+        Returns each request's (token_ids, log_probs), in batch order.
+        """
+        processed = self.config.logprobs_mode in (None, "processed_logprobs")
+        temperature = torch.tensor([request.temperature for request in batch])
+        top_k = torch.tensor([request.top_k for request in batch])
+        top_p = torch.tensor([request.top_p for request in batch])
+        penalty = torch.tensor([request.repetition_penalty for request in batch])
+        outputs: list[tuple[list[int], list[float]]] = [([], []) for _ in batch]
+        live = torch.arange(len(batch))  # batch rows still decoding, in batch order
         cache = DynamicCache()
-        step_input = torch.tensor([prompt_ids])
-        token_ids: list[int] = []
-        log_probs: list[float] = []
-        for _ in range(max_tokens):
-            logits = self.model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[0, -1]
-            scores = process_logits(logits, prompt_ids + token_ids, temperature, top_k, top_p, penalty)
-            if temperature <= 0:
-                token = int(torch.argmax(scores))
-            else:
-                token = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator))
-            reported = scores if processed else logits.float()
-            log_probs.append(float(torch.log_softmax(reported, dim=-1)[token]))
+        input_ids, attention_mask, position_ids = left_pad([request.prompt_ids for request in batch])
+        logits = self._next_logits(input_ids, attention_mask, position_ids, cache)
+        seen = self._prompt_tokens(input_ids, attention_mask, logits.shape[-1])
+        while True:
+            scores = process_logits_batch(logits, seen, temperature[live], top_k[live], top_p[live], penalty[live])
+            tokens = self._pick_tokens(scores, temperature[live])
+            reported = scores if processed else logits
+            log_probs = torch.log_softmax(reported, dim=-1).gather(-1, tokens[:, None])[:, 0]
+            seen[torch.arange(len(live)), tokens] = True
+            keep = torch.tensor(self._record(batch, outputs, live.tolist(), tokens.tolist(), log_probs.tolist()))
+            if not keep.any():
+                return outputs
+            if not keep.all():
+                cache.batch_select_indices(keep.nonzero()[:, 0])
+                live, tokens, seen = live[keep], tokens[keep], seen[keep]
+                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+            input_ids = tokens[:, None]
+            attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = self._next_logits(input_ids, attention_mask, position_ids, cache)
+
+    def _next_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Logits (B, V) float32 for the token after ``input_ids`` (B, T), extending ``cache``.
+
+        attention_mask: (B, cached + T), 0 at left pads; position_ids: (B, T).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    @staticmethod
+    def _prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(B, V) bool: which tokens each row's prompt holds (pads excluded)."""
+        seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool)
+        rows = torch.arange(input_ids.shape[0])[:, None].expand_as(input_ids)
+        real = attention_mask.bool()
+        seen[rows[real], input_ids[real]] = True
+        return seen
+
+    def _pick_tokens(self, scores: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """(B,) tokens from processed scores (B, V): argmax for greedy rows, one generator draw for the others."""
+        tokens = scores.argmax(dim=-1)
+        sampled = (temperature > 0).nonzero()[:, 0]
+        if sampled.numel():
+            probs = torch.softmax(scores[sampled], dim=-1)
+            tokens[sampled] = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        return tokens
+
+    @staticmethod
+    def _record(
+        batch: list[_Request],
+        outputs: list[tuple[list[int], list[float]]],
+        live: list[int],
+        tokens: list[int],
+        log_probs: list[float],
+    ) -> list[bool]:
+        """Append each live row's token and log-prob to its output; which rows go on decoding."""
+        keep = []
+        for row, token, log_prob in zip(live, tokens, log_probs):
+            token_ids, row_log_probs = outputs[row]
             token_ids.append(token)
-            if token in stop_ids:
-                break
-            step_input = torch.tensor([[token]])
-        return token_ids, log_probs
+            row_log_probs.append(log_prob)
+            keep.append(token not in batch[row].stop_ids and len(token_ids) < batch[row].max_tokens)
+        return keep
 
     # ------------------------------------------------------------------ weights
 
@@ -169,7 +341,7 @@ class HFRolloutServer:
         pass
 
     async def clear_kv_cache(self) -> None:
-        pass  # caches are per request
+        pass  # caches live only as long as their batch
 
     async def release_kv_cache(self) -> None:
         pass

@@ -1,12 +1,16 @@
 """What preparation writes: verl parquet rows (one file per split) and the deduplicated retrieval corpus.
 
-Both are written in a stream, so a dataset never has to fit in memory as rows or as text.
+Both are written in a stream, so a dataset never has to fit in memory as rows or as text. Each file is written
+under a temporary name beside its final path and renamed there only when the caller publishes it, so a run that
+fails part-way leaves the old file (or none), never a shorter one that looks complete.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -65,14 +69,50 @@ def row_schema(metadata_fields: Sequence[str]) -> pa.Schema:
     )
 
 
-class ParquetRowWriter:
-    """Appends rows to one parquet file in batches; the file is complete once the writer is closed."""
+class StagedFile:
+    """A file written under a hidden temporary name in its final directory, and moved to ``path`` by :meth:`publish`.
+
+    Used as a context manager: leaving the ``with`` block unpublished (on an error) removes the temporary file.
+    The temporary file shares ``path``'s directory so that the rename is atomic.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # A fresh name rather than tempfile.mkstemp, whose 0600 mode would carry over to the published file.
+        self.staging_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+        self._published = False
+
+    def finish(self) -> None:
+        """Complete the temporary file; subclasses write what they still hold and close it."""
+
+    def publish(self) -> None:
+        """Move the finished file to ``path``, replacing what was there."""
+        os.replace(self.staging_path, self.path)
+        self._published = True
+
+    def _abandon(self) -> None:
+        """Release the open file without completing it."""
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if not self._published:
+            self._abandon()
+            self.staging_path.unlink(missing_ok=True)
+
+
+class ParquetRowWriter(StagedFile):
+    """Appends rows to one parquet file in batches; the file is complete once :meth:`finish` has run."""
 
     def __init__(self, path: Path, schema: pa.Schema, batch_rows: int = 1000) -> None:
+        super().__init__(path)
         self._schema = schema
         self._batch_rows = batch_rows
         self._pending: list[dict[str, Any]] = []
-        self._writer = pq.ParquetWriter(path, schema)
+        self._writer = pq.ParquetWriter(self.staging_path, schema)
         self.rows = 0
 
     def write(self, row: dict[str, Any]) -> None:
@@ -81,8 +121,11 @@ class ParquetRowWriter:
         if len(self._pending) >= self._batch_rows:
             self._flush()
 
-    def close(self) -> None:
+    def finish(self) -> None:
         self._flush()
+        self._writer.close()
+
+    def _abandon(self) -> None:
         self._writer.close()
 
     def _flush(self) -> None:
@@ -91,7 +134,7 @@ class ParquetRowWriter:
             self._pending = []
 
 
-class CorpusWriter:
+class CorpusWriter(StagedFile):
     """Writes each distinct ``(title, text)`` paragraph once as ``{"id", "contents": "Title\\ntext"}``.
 
     Ids count passages in the order they are first seen. Only a digest of each paragraph is remembered,
@@ -99,7 +142,8 @@ class CorpusWriter:
     """
 
     def __init__(self, path: Path) -> None:
-        self._file = path.open("w", encoding="utf-8")
+        super().__init__(path)
+        self._file = self.staging_path.open("w", encoding="utf-8")
         self._seen: set[bytes] = set()
 
     @property
@@ -114,13 +158,8 @@ class CorpusWriter:
         self._seen.add(key)
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
-    def close(self) -> None:
+    def finish(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> CorpusWriter:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.close()
+    def _abandon(self) -> None:
+        self._file.close()

@@ -13,7 +13,9 @@ Usage::
 for HotpotQA ``hf:NAME[:CONFIG]`` (e.g. ``hf:hotpotqa/hotpot_qa``, config ``distractor`` by default) to load
 that split from the Hugging Face hub. Each split goes to ``OUT_DIR/SPLIT.parquet``; the corpus holds every
 paragraph of every question read, skipped questions included, each distinct ``(title, text)`` once.
-Questions without an answer, and MuSiQue's unanswerable ones, are skipped and counted.
+Questions without an answer, and MuSiQue's unanswerable ones, are skipped and counted. A split name is a file
+name inside OUT_DIR: a letter, then letters, digits, ``_``, ``-`` or ``.``. Nothing is written unless every
+record is read: a bad record stops preparation with an error naming it and leaves the files as they were.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .output import CorpusWriter, ParquetRowWriter, build_row, row_schema
+from .output import CorpusWriter, ParquetRowWriter, StagedFile, build_row, row_schema
 from .qa import (
     HF_PREFIX,
     HOTPOTQA_METADATA,
@@ -104,21 +106,22 @@ def prepare(
     ``max_rows`` caps the rows of each split; reading a split's sources stops once it is reached.
     """
     spec = _dataset_spec(dataset)
-    _check_sources(spec, inputs)
+    _check_inputs(spec, inputs, max_rows)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus_path = Path(corpus_out) if corpus_out is not None else out_dir / "corpus.jsonl"
     corpus_path.parent.mkdir(parents=True, exist_ok=True)
     schema = row_schema(spec.metadata_fields)
     reports: dict[str, SplitReport] = {}
-    writers: dict[str, ParquetRowWriter] = {}
-    with ExitStack() as closing, CorpusWriter(corpus_path) as corpus:
+    # Every writer stages its file; leaving this block on an error discards them all.
+    with ExitStack() as staged:
+        corpus = staged.enter_context(CorpusWriter(corpus_path))
+        writers: dict[str, ParquetRowWriter] = {}
         for split_input in inputs:
             split = split_input.split
             if split not in writers:
-                reports[split] = SplitReport(path=out_dir / f"{split}.parquet")
-                writers[split] = ParquetRowWriter(reports[split].path, schema)
-                closing.callback(writers[split].close)
+                writers[split] = staged.enter_context(ParquetRowWriter(out_dir / f"{split}.parquet", schema))
+                reports[split] = SplitReport(path=writers[split].path)
             for example in _take(spec.read(split_input.source, split), writers[split], max_rows):
                 for title, text in example.paragraphs:
                     corpus.add(title, text)
@@ -127,10 +130,22 @@ def prepare(
                     writers[split].write(build_row(example, spec.data_source, split, index=writers[split].rows))
                 else:
                     reports[split].skipped[reason] += 1
-        for split, writer in writers.items():
-            reports[split].rows = writer.rows
-        passages = corpus.passages
-    return PrepareReport(splits=reports, corpus_path=corpus_path, corpus_passages=passages)
+        _publish([corpus, *writers.values()])
+    for split, writer in writers.items():
+        reports[split].rows = writer.rows
+    return PrepareReport(splits=reports, corpus_path=corpus_path, corpus_passages=corpus.passages)
+
+
+def _publish(outputs: Sequence[StagedFile]) -> None:
+    """Finish every file before publishing any, so a failure while finishing publishes none.
+
+    The corpus comes first in ``outputs`` and is published first: the recipe takes the parquet files'
+    presence as the sign that preparation is done, so they must be the last to appear.
+    """
+    for output in outputs:
+        output.finish()
+    for output in outputs:
+        output.publish()
 
 
 def skip_reason(example: QAExample) -> str | None:
@@ -156,18 +171,31 @@ def _dataset_spec(dataset: str) -> DatasetSpec:
     return DATASETS[dataset]
 
 
-def _check_sources(spec: DatasetSpec, inputs: Sequence[SplitInput]) -> None:
-    """Fail before writing anything when a source cannot be read at all."""
+def _check_inputs(spec: DatasetSpec, inputs: Sequence[SplitInput], max_rows: int | None) -> None:
+    """Fail before writing anything when a source cannot be read at all or an argument is out of range."""
     if not inputs:
         raise ValueError("no inputs given")
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be 0 or more, got {max_rows}")
     for split_input in inputs:
+        check_split_name(split_input.split)
         if not split_input.source.startswith(HF_PREFIX):
             existing_file(split_input.source)
         elif not spec.hub_loadable:
             raise ValueError(f"{split_input.source}: only hotpotqa can be loaded from the Hugging Face hub")
 
 
-_SPLIT_PREFIX = re.compile(r"^(?P<split>[A-Za-z][\w.-]*)=(?P<source>.+)$")
+_SPLIT_NAME = "[A-Za-z][A-Za-z0-9_.-]*"
+_SPLIT_PREFIX = re.compile(rf"^(?P<split>{_SPLIT_NAME})=(?P<source>.+)$")
+
+
+def check_split_name(split: str) -> None:
+    """ValueError unless ``split`` is a plain file name, so that ``OUT_DIR/SPLIT.parquet`` stays inside OUT_DIR."""
+    if re.fullmatch(_SPLIT_NAME, split) is None or ".." in split:
+        raise ValueError(
+            f"split name {split!r}: expected a letter, then letters, digits, '_', '-' or '.' (no '..'); "
+            "it names the file OUT_DIR/SPLIT.parquet"
+        )
 
 
 def parse_inputs(values: Sequence[str], default_split: str | None) -> list[SplitInput]:
@@ -206,12 +234,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: prepare, print what was written; bad inputs exit with status 2 and a one-line error."""
+    """CLI entry point: prepare and print what was written; bad input or output exits 2 with a one-line error."""
     args = _parse_args(argv)
     try:
         inputs = parse_inputs(args.inputs, args.split)
         report = prepare(args.dataset, inputs, args.out_dir, args.corpus_out, args.max_rows)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.summary(args.dataset))

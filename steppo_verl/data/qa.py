@@ -9,14 +9,16 @@ Formats:
 - MuSiQue JSONL: one object per line with ``id``, ``question``, ``answer``, ``answer_aliases``, ``answerable``
   and ``paragraphs`` ``[{"title", "paragraph_text", ...}]``.
 
-Readers parse and check shape only; whether an example is usable (has an answer, is answerable) is decided
-by the caller, which counts what it skips.
+Readers parse and check shape and types: a field of the wrong type is a ValueError naming the file, the record
+and the field, never a guess (a list answer turned into its ``str()`` would be a gold answer no model can give).
+Whether an example is usable (has an answer, is answerable) is decided by the caller, which counts what it skips.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,37 +87,32 @@ def _read_official_json(source: str, metadata_fields: Sequence[str]) -> Iterator
     path = existing_file(source)
     for number, record in enumerate(iter_json_array(path)):
         where = f"{path} record {number}"
-        context = _require(record, "context", where)
         yield QAExample(
-            question_id=str(_require(record, "_id", where)),
+            question_id=_string(record, "_id", where),
             question=_question(record, where),
-            answers=_accepted_answers([record.get("answer")]),
-            paragraphs=tuple((title, join_sentences(sentences)) for title, sentences in context),
-            metadata={name: record.get(name) for name in metadata_fields},
+            answers=gold_answers(record, where),
+            paragraphs=_official_paragraphs(_require(record, "context", where), where),
+            metadata=_metadata(record, metadata_fields, where),
         )
 
 
 def _hotpotqa_from_hf(record: dict[str, Any], where: str) -> QAExample:
-    context = _require(record, "context", where)
     return QAExample(
-        question_id=str(_require(record, "id", where)),
+        question_id=_string(record, "id", where),
         question=_question(record, where),
-        answers=_accepted_answers([record.get("answer")]),
-        paragraphs=tuple(
-            (title, join_sentences(sentences)) for title, sentences in zip(context["title"], context["sentences"])
-        ),
-        metadata={name: record.get(name) for name in HOTPOTQA_METADATA},
+        answers=gold_answers(record, where),
+        paragraphs=_hf_paragraphs(_require(record, "context", where), where),
+        metadata=_metadata(record, HOTPOTQA_METADATA, where),
     )
 
 
 def _musique_example(record: dict[str, Any], where: str) -> QAExample:
-    paragraphs = _require(record, "paragraphs", where)
     return QAExample(
-        question_id=str(_require(record, "id", where)),
+        question_id=_string(record, "id", where),
         question=_question(record, where),
-        answers=_accepted_answers([record.get("answer"), *(record.get("answer_aliases") or [])]),
-        paragraphs=tuple((paragraph["title"], paragraph["paragraph_text"].strip()) for paragraph in paragraphs),
-        answerable=bool(record.get("answerable", True)),
+        answers=gold_answers(record, where, alias_field="answer_aliases"),
+        paragraphs=_musique_paragraphs(_require(record, "paragraphs", where), where),
+        answerable=_answerable(record, where),
     )
 
 
@@ -124,17 +121,119 @@ def join_sentences(sentences: Sequence[str]) -> str:
     return " ".join(sentence.strip() for sentence in sentences if sentence.strip())
 
 
-def _accepted_answers(candidates: Sequence[Any]) -> tuple[str, ...]:
-    """The distinct non-blank answers in order; the reward rejects blank gold answers."""
-    answers = (str(candidate).strip() for candidate in candidates if candidate is not None)
+def gold_answers(record: dict[str, Any], where: str, alias_field: str | None = None) -> tuple[str, ...]:
+    """The distinct non-blank gold answers in order: ``answer``, then each alias in ``alias_field``.
+
+    Every format gives ``answer`` as one string (absent or null in test sets, which have none) and MuSiQue's
+    aliases as a list of strings; a lone alias string is one alias, not its characters. Any other type is an
+    error. Blank answers are dropped because the reward rejects blank gold answers.
+    """
+    candidates = [_optional_string(record, "answer", where)]
+    if alias_field is not None:
+        candidates.extend(_string_list(record, alias_field, where))
+    answers = (candidate.strip() for candidate in candidates if candidate is not None)
     return tuple(dict.fromkeys(answer for answer in answers if answer))
+
+
+def _answerable(record: dict[str, Any], where: str) -> bool:
+    """MuSiQue's ``answerable``: a bool, or "true"/"false" in any case; absent means answerable."""
+    value = record.get("answerable", True)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{where}: 'answerable' must be true or false, got {reprlib.repr(value)}")
+
+
+def _official_paragraphs(context: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """HotpotQA's and 2Wiki's ``context``: ``[[title, [sentence, ...]], ...]``."""
+    paragraphs = []
+    for number, entry in enumerate(_list(context, "context", where)):
+        field_name = f"context[{number}]"
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ValueError(f"{where}: {field_name!r} must be [title, [sentence, ...]], got {reprlib.repr(entry)}")
+        title, sentences = entry
+        paragraphs.append(_paragraph(title, sentences, field_name, where))
+    return tuple(paragraphs)
+
+
+def _hf_paragraphs(context: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """The hub's column-wise ``context``: ``{"title": [...], "sentences": [[...], ...]}`` of equal lengths."""
+    titles = _list(_require(context, "title", f"{where} 'context'"), "context.title", where)
+    sentence_lists = _list(_require(context, "sentences", f"{where} 'context'"), "context.sentences", where)
+    if len(titles) != len(sentence_lists):
+        raise ValueError(
+            f"{where}: 'context' has {len(titles)} titles but {len(sentence_lists)} sentence lists; expected one each"
+        )
+    return tuple(
+        _paragraph(title, sentences, f"context[{number}]", where)
+        for number, (title, sentences) in enumerate(zip(titles, sentence_lists))
+    )
+
+
+def _musique_paragraphs(paragraphs: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """MuSiQue's ``paragraphs``: ``[{"title", "paragraph_text", ...}, ...]``."""
+    return tuple(
+        (
+            _string(paragraph, "title", f"{where} paragraphs[{number}]"),
+            _string(paragraph, "paragraph_text", f"{where} paragraphs[{number}]").strip(),
+        )
+        for number, paragraph in enumerate(_list(paragraphs, "paragraphs", where))
+    )
+
+
+def _paragraph(title: Any, sentences: Any, field_name: str, where: str) -> tuple[str, str]:
+    """``(title, text)`` from a title and its sentence list, both checked to hold strings."""
+    if not isinstance(title, str):
+        raise ValueError(f"{where}: the title in {field_name!r} must be a string, got {reprlib.repr(title)}")
+    sentences = _list(sentences, f"{field_name} sentences", where)
+    if not all(isinstance(sentence, str) for sentence in sentences):
+        raise ValueError(f"{where}: the sentences in {field_name!r} must be strings, got {reprlib.repr(sentences)}")
+    return title, join_sentences(sentences)
+
+
+def _metadata(record: dict[str, Any], names: Sequence[str], where: str) -> dict[str, str | None]:
+    """Source labels (``type``, ``level``): strings, or None when absent."""
+    return {name: _optional_string(record, name, where) for name in names}
 
 
 def _question(record: dict[str, Any], where: str) -> str:
     question = _require(record, "question", where)
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: 'question' must be a non-empty string, got {question!r}")
+        raise ValueError(f"{where}: 'question' must be a non-empty string, got {reprlib.repr(question)}")
     return question.strip()
+
+
+def _string(record: Any, key: str, where: str) -> str:
+    value = _require(record, key, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {reprlib.repr(value)}")
+    return value
+
+
+def _optional_string(record: dict[str, Any], key: str, where: str) -> str | None:
+    value = record.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string or null, got {reprlib.repr(value)}")
+    return value
+
+
+def _string_list(record: dict[str, Any], key: str, where: str) -> list[str]:
+    """A list of strings; a lone string is a list of one, and absent or null an empty list."""
+    value = record.get(key)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not (isinstance(value, list) and all(isinstance(item, str) for item in value)):
+        raise ValueError(f"{where}: {key!r} must be a list of strings, got {reprlib.repr(value)}")
+    return value
+
+
+def _list(value: Any, field_name: str, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {field_name!r} must be a list, got {reprlib.repr(value)}")
+    return value
 
 
 def _require(record: Any, key: str, where: str) -> Any:

@@ -1,6 +1,7 @@
 """Summary plots of a run's step records as inline SVG strings (no plotting library, no assets).
 
-Only numbers and fixed labels reach the SVG; model text never does.
+Only numbers and fixed labels reach the SVG; model text never does. NaN/inf numbers (a diverged
+run) are left out of the plots; the trajectory view shows them as text.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from steppo_verl.metrics import explained_variance
+from steppo_verl.metrics import critic_state_metrics, explained_variance
 
-__all__ = ["advantage_by_step", "explained_variance_by_training_step", "steps_histogram"]
+__all__ = ["advantage_by_step", "critic_state_error_by_training_step", "explained_variance_by_training_step",
+           "steps_histogram"]
 
 _WIDTH, _HEIGHT = 380, 230
 _LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 28, 40
@@ -101,11 +103,16 @@ def _polyline(axes: _Axes, xs: list[float], ys: list[float], css: str) -> str:
     return f'<polyline class="{css}" fill="none" points="{points}"/>' + dots
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def advantage_by_step(records: list[dict]) -> str:
-    """Every step's advantage against its step index k, with the mean per k."""
+    """Every step's finite advantage against its step index k, with the mean per k."""
     title = "Advantage by step index"
+    records = [r for r in records if _finite(r["advantage"])]
     if not records:
-        return _empty(title, "no steps")
+        return _empty(title, "no steps with a finite advantage")
     by_step: dict[int, list[float]] = defaultdict(list)
     for record in records:
         by_step[record["step"]].append(record["advantage"])
@@ -129,7 +136,7 @@ def explained_variance_by_training_step(records: list[dict]) -> str:
     title = "Value explained variance"
     by_training_step: dict[int, list[tuple[float, float]]] = defaultdict(list)
     for record in records:
-        if record["value"] is not None:
+        if _finite(record["value"]) and _finite(record["return"]):
             by_training_step[record["training_step"]].append((record["value"], record["return"]))
     points = {}
     for training_step, pairs in sorted(by_training_step.items()):
@@ -143,6 +150,31 @@ def explained_variance_by_training_step(records: list[dict]) -> str:
     axes = _Axes.around(xs, ys + [1.0], x_pad=0.5)
     ticks = _ticks(xs[0], xs[-1], integer=True)
     return _svg(title, axes.frame(ticks, "training step", "explained variance") + [_polyline(axes, xs, ys, "mean")])
+
+
+def critic_state_error_by_training_step(records: list[dict]) -> str:
+    """The critic's visit-weighted |mean V - mean outcome| at repeated states, per training step
+    (:func:`steppo_verl.metrics.critic_state_metrics` over the dumped trajectories' step starts)."""
+    title = "Critic error at repeated states"
+    by_training_step: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
+    for record in records:
+        value, outcome, key = record.get("value"), record.get("outcome"), record.get("state_key")
+        if key is not None and _finite(value) and _finite(outcome):
+            by_training_step[record["training_step"]].append((value, outcome, key))
+    points = {}
+    for training_step, rows in sorted(by_training_step.items()):
+        values = torch.tensor([[v] for v, _, _ in rows], dtype=torch.float64)
+        outcomes = torch.tensor([[o] for _, o, _ in rows], dtype=torch.float64)
+        keys = torch.tensor([[k] for _, _, k in rows], dtype=torch.int64)
+        metrics = critic_state_metrics(values, outcomes, keys, torch.ones_like(keys, dtype=torch.bool))
+        if "steppo/critic/state_abs_error" in metrics:
+            points[float(training_step)] = metrics["steppo/critic/state_abs_error"]
+    if not points:
+        return _empty(title, "no critic values at repeated states")
+    xs, ys = list(points), list(points.values())
+    axes = _Axes.around(xs, ys, x_pad=0.5)
+    ticks = _ticks(xs[0], xs[-1], integer=True)
+    return _svg(title, axes.frame(ticks, "training step", "|V - outcome|") + [_polyline(axes, xs, ys, "mean")])
 
 
 def steps_histogram(num_steps: list[int]) -> str:

@@ -62,7 +62,10 @@ RECORD_SCHEMA = pa.schema(
         pa.field("clipped", pa.bool_()),  # the ratio lies outside the clip range where it binds
         pa.field("terminated", pa.bool_(), nullable=False),  # the model ended the episode after k
         pa.field("truncated", pa.bool_(), nullable=False),  # a limit cut the episode off after k
-        pa.field("ending", pa.string()),  # answer | turn_limit | length_limit | timeout
+        pa.field("ending", pa.string()),  # steppo_verl.endings.Ending: answer | turn_limit | length_limit | ...
+        pa.field("bootstrap_value", pa.float64()),  # V_K after the final step (0 if terminal); last step only
+        pa.field("state_key", pa.int64()),  # the agent loop's key of the state the step was taken from
+        pa.field("outcome", pa.float64()),  # the discounted return observed from step k on (bootstrapped)
     ]
 )
 
@@ -82,7 +85,11 @@ class TrajectoryBatch:
         values: ``[B, L]`` critic values (``values[:, t]`` = V before token t).
         old_log_probs, log_probs: ``[B, L]`` log-probs under the behaviour and the current policy.
         truncated: ``[B]`` bool, episodes cut off by a limit.
-        ending: ``B`` why each episode ended (the agent loop's ``extra_fields["ending"]``).
+        ending: ``B`` why each episode ended (names of :class:`steppo_verl.endings.Ending`).
+        bootstrap_values: ``[B]`` V_K, the value after the final step the estimator used (0 if terminal).
+        step_keys: ``[B, L]`` the agent loop's state key on each step's tokens.
+        outcomes: ``[B, K]`` the discounted return observed from each step on
+            (:func:`steppo_verl.metrics.observed_returns`).
         response_length: ``[B]`` real response length per row; tokens past it are padding.
     """
 
@@ -99,6 +106,9 @@ class TrajectoryBatch:
     log_probs: torch.Tensor | None = None
     truncated: torch.Tensor | None = None
     ending: Sequence[str] | None = None
+    bootstrap_values: torch.Tensor | None = None
+    step_keys: torch.Tensor | None = None
+    outcomes: torch.Tensor | None = None
     response_length: torch.Tensor | None = None
 
     def select(self, rows: list[int]) -> TrajectoryBatch:
@@ -205,6 +215,9 @@ def _per_step_columns(batch: TrajectoryBatch, config: DumpConfig) -> dict[str, t
         "clipped": clipped,
         "terminated": is_last & ~truncated[:, None],
         "truncated": is_last & truncated[:, None],
+        "state_key": gather_at_step_starts(batch.step_keys, steps) if batch.step_keys is not None else None,
+        # [:, :K]: a selection of rows may hold fewer steps than the batch the outcomes were computed on
+        "outcome": batch.outcomes.double()[:, : steps.max_steps] if batch.outcomes is not None else None,
     }
 
 
@@ -229,7 +242,11 @@ def step_records(batch: TrajectoryBatch, tokenizer: Any, training_step: int, con
     """
     columns = {name: None if x is None else x.tolist() for name, x in _per_step_columns(batch, config).items()}
     tokens = batch.responses.tolist()
-    per_step = ("reward", "env_reward", "value", "advantage", "return", "ratio", "clipped", "terminated", "truncated")
+    bootstrap_value = (
+        [None] * len(tokens) if batch.bootstrap_values is None else batch.bootstrap_values.double().tolist()
+    )
+    per_step = ("reward", "env_reward", "value", "advantage", "return", "ratio", "clipped", "terminated", "truncated",
+                "state_key", "outcome")
     records = []
     for b, row_mask in enumerate(columns["mask"]):
         for k in (k for k, present in enumerate(row_mask) if present):
@@ -249,6 +266,7 @@ def step_records(batch: TrajectoryBatch, tokenizer: Any, training_step: int, con
                     "observation_tokens": observation_end - action_end,
                     **{n: (None if columns[n] is None else columns[n][b][k]) for n in per_step},
                     "ending": None if batch.ending is None else str(batch.ending[b]),
+                    "bootstrap_value": None if k + 1 != columns["num_steps"][b][k] else bootstrap_value[b],
                 }
             )
     return records

@@ -21,7 +21,12 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from steppo_verl.inspect.plots import advantage_by_step, explained_variance_by_training_step, steps_histogram
+from steppo_verl.inspect.plots import (
+    advantage_by_step,
+    critic_state_error_by_training_step,
+    explained_variance_by_training_step,
+    steps_histogram,
+)
 from steppo_verl.inspect.records import read_step_records
 
 __all__ = ["build_report", "embed_json", "render_report", "trajectories"]
@@ -32,9 +37,19 @@ _STEP_FIELDS = (
 )  # fmt: skip
 
 
-def _finite(value):
-    # JSON.parse rejects NaN/Infinity, which Python's json would write.
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def _jsonable(value):
+    """``value``, with a NaN/inf float spelt as text ("NaN", "inf", "-inf") for the page to show.
+
+    JSON.parse rejects NaN/Infinity, which Python's json would write; and a diverged run's NaN
+    advantage is exactly what the report must show rather than hide.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def trajectories(records: list[dict]) -> list[dict]:
@@ -42,7 +57,8 @@ def trajectories(records: list[dict]) -> list[dict]:
 
     Each trajectory has ``key`` (unique in the run), ``training_step``, ``trajectory_id``,
     ``uid``, ``num_steps``, ``final_reward`` (r of the last step, where the outcome lands),
-    ``total_reward``, ``truncated``, ``ending`` and its ``steps`` in order.
+    ``total_reward``, ``truncated``, ``ending`` and its ``steps`` in order. NaN/inf numbers are
+    written as the text "NaN", "inf", "-inf".
     """
     grouped: dict[tuple[int, str], list[dict]] = defaultdict(list)
     for record in records:
@@ -58,11 +74,11 @@ def trajectories(records: list[dict]) -> list[dict]:
                 "trajectory_id": trajectory_id,
                 "uid": first["uid"],
                 "num_steps": first["num_steps"],
-                "final_reward": _finite(last["reward"]),
-                "total_reward": _finite(sum(r["reward"] for r in steps)),
+                "final_reward": _jsonable(last["reward"]),
+                "total_reward": _jsonable(sum(r["reward"] for r in steps)),
                 "truncated": bool(last["truncated"]),
                 "ending": first["ending"],
-                "steps": [{name: _finite(r[name]) for name in _STEP_FIELDS} for r in steps],
+                "steps": [{name: _jsonable(r[name]) for name in _STEP_FIELDS} for r in steps],
             }
         )
     result.sort(key=lambda t: t["training_step"])  # stable: batch order within a training step
@@ -78,12 +94,13 @@ def embed_json(payload: object) -> str:
 def render_report(records: list[dict], title: str) -> str:
     """The report page for ``records`` (as written by :mod:`steppo_verl.inspect.records`)."""
     runs = trajectories(records)
-    advantages = [abs(r["advantage"]) for r in records if _finite(r["advantage"]) is not None]
+    advantages = [abs(r["advantage"]) for r in records if _is_finite(r["advantage"])]
     payload = {"trajectories": runs, "max_abs_advantage": max(advantages, default=0.0) or 1.0}
     plots = "".join(
         [
             advantage_by_step(records),
             explained_variance_by_training_step(records),
+            critic_state_error_by_training_step(records),
             steps_histogram([t["num_steps"] for t in runs]),
         ]
     )
@@ -216,16 +233,20 @@ _JS = r"""
     const a = Math.abs(v);
     return a !== 0 && (a >= 1e4 || a < 1e-3) ? v.toExponential(2) : v.toFixed(3);
   }
+  // A NaN/inf arrives as text ("NaN", "inf"): shown as written, coloured neutral.
+  function finite(v) {
+    return typeof v === "number" && Number.isFinite(v) ? v : 0;
+  }
   // Diverging scale: red for negative advantages, white at 0, blue for positive ones.
   function advColour(a) {
-    const t = Math.max(-1, Math.min(1, (a || 0) / scale));
+    const t = Math.max(-1, Math.min(1, finite(a) / scale));
     const end = t >= 0 ? POSITIVE : NEGATIVE, w = Math.abs(t);
     const rgb = NEUTRAL.map((c, i) => Math.round(c + (end[i] - c) * w));
     return "rgb(" + rgb.join(",") + ")";
   }
   function paint(node, a) {
     node.style.background = advColour(a);
-    node.style.color = Math.abs((a || 0) / scale) > 0.55 ? "#fff" : "#111";
+    node.style.color = Math.abs(finite(a) / scale) > 0.55 ? "#fff" : "#111";
   }
   function number(id) {
     const v = document.getElementById(id).value;
@@ -320,13 +341,23 @@ _JS = r"""
     }
   }
 
+  // The trajectory key in the URL fragment; null when the fragment is not valid percent-encoding
+  // (decodeURIComponent throws on "%E0%A4%A", which must not stop the page from rendering).
+  function hashKey() {
+    try {
+      return decodeURIComponent(location.hash.slice(1));
+    } catch (error) {
+      return null;
+    }
+  }
+
   function pick(key) {
     const t = runs.find((r) => r.key === key);
     if (!t) return;
     picked = key;
     renderDetail(t);
     renderList();
-    if (decodeURIComponent(location.hash.slice(1)) !== key) {
+    if (hashKey() !== key) {
       history.replaceState(null, "", "#" + encodeURIComponent(key));
     }
   }
@@ -334,7 +365,7 @@ _JS = r"""
   document.getElementById("filters").addEventListener("input", renderList);
   document.getElementById("filters").addEventListener("submit", (e) => e.preventDefault());
   renderList();
-  const wanted = decodeURIComponent(location.hash.slice(1));
+  const wanted = hashKey();
   pick(runs.some((r) => r.key === wanted) ? wanted : (runs.length ? runs[0].key : null));
 })();
 """

@@ -3,11 +3,15 @@
 The Search-R1 API: ``POST {url}/retrieve`` with ``{"queries": [...], "topk": k, "return_scores": true}``,
 answered by ``{"result": [[{"document": {"contents": "Title\\ntext", ...}, "score": s}, ...], ...]}``, one
 list per query. Without scores, servers send the document dicts themselves as the list entries.
+
+Both backends refuse the same queries (:func:`check_queries`): longer than :data:`MAX_QUERY_CHARS`, or holding
+a lone surrogate (not encodable text), so a query searched by one backend is never refused by the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from typing import Any, Protocol
 
@@ -17,8 +21,33 @@ from .bm25 import BM25Index
 from .corpus import Hit
 
 
+# The longest query either backend searches, and the retrieval server's default limit.
+MAX_QUERY_CHARS = 2000
+# The largest answer body the HTTP backend reads: 256 queries x 50 hits of Wikipedia passages fit several times.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
 class RetrievalError(RuntimeError):
     """Retrieval failed for good (after any retries); the message says where and why."""
+
+
+def query_problem(query: str, max_chars: int = MAX_QUERY_CHARS) -> str | None:
+    """Why ``query`` cannot be searched, or None; the reason never quotes the query (it may not be encodable)."""
+    if len(query) > max_chars:
+        return f"a query has {len(query)} characters, at most {max_chars} characters are allowed"
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"a query contains a lone surrogate (U+{ord(query[error.start]):04X}), which is not valid text"
+    return None
+
+
+def check_queries(queries: list[str], max_chars: int = MAX_QUERY_CHARS) -> None:
+    """Raise :class:`RetrievalError` naming the first query that cannot be searched."""
+    for position, query in enumerate(queries):
+        problem = query_problem(query, max_chars)
+        if problem is not None:
+            raise RetrievalError(f"query {position + 1} of {len(queries)} cannot be searched: {problem}")
 
 
 class RetrievalBackend(Protocol):
@@ -30,10 +59,12 @@ class RetrievalBackend(Protocol):
 class EmbeddedBM25Backend:
     """Searches a :class:`BM25Index` held in this process."""
 
-    def __init__(self, index: BM25Index) -> None:
+    def __init__(self, index: BM25Index, max_query_chars: int = MAX_QUERY_CHARS) -> None:
         self._index = index
+        self._max_query_chars = max_query_chars
 
     async def retrieve(self, queries: list[str], topk: int) -> list[list[Hit]]:
+        check_queries(queries, self._max_query_chars)
         # Scoring is CPU-bound numpy work; a worker thread keeps the event loop serving other requests.
         return await asyncio.to_thread(self._index.search, queries, topk)
 
@@ -50,12 +81,25 @@ class _RetryableFailure(Exception):
 
 
 class HttpRetrievalBackend:
-    """Client of a Search-R1 style retrieval server, with per-attempt deadlines and bounded retries."""
+    """Client of a Search-R1 style retrieval server, with per-attempt deadlines and bounded retries.
 
-    def __init__(self, url: str, timeout_s: float = 10.0, max_retries: int = 2, backoff_s: float = 0.5) -> None:
-        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError("timeout_s must be positive; max_retries and backoff_s must not be negative")
-        self.endpoint = url.rstrip("/") + "/retrieve"
+    Answers are read up to ``max_response_bytes`` and no further; a malformed ``url`` fails here, not at each search.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 10.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_response_bytes < 1:
+            raise ValueError(
+                "timeout_s and max_response_bytes must be positive; max_retries and backoff_s must not be negative"
+            )
+        self.endpoint = retrieve_endpoint(url)
+        self._max_response_bytes = max_response_bytes
         # Loading the CA bundle costs ~50 ms of CPU on the event loop; do it once, not per client.
         self._ssl_context = ssl.create_default_context()
         self._timeout_s = timeout_s
@@ -69,6 +113,7 @@ class HttpRetrievalBackend:
         """Hits per query; raises :class:`RetrievalError` once the server has failed ``1 + max_retries`` times."""
         if not queries:
             return []
+        check_queries(queries)
         payload = {"queries": list(queries), "topk": topk, "return_scores": True}
         attempts = 1 + self._max_retries
         client = self._client()
@@ -102,39 +147,89 @@ class HttpRetrievalBackend:
             self._clients.pop(loop, None)
             await client.aclose()
 
-    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> httpx.Response:
-        """One attempt; a 4xx answer is final (the request itself is wrong), so it raises RetrievalError."""
+    async def _post(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> bytes:
+        """One attempt's answer body; a 4xx answer is final (the request itself is wrong): RetrievalError."""
         try:
             # httpx timeouts bound each socket operation; wait_for bounds the whole exchange, so a server
             # trickling bytes cannot stretch one attempt past timeout_s.
-            response = await asyncio.wait_for(client.post(self.endpoint, json=payload), self._timeout_s)
+            status, body = await asyncio.wait_for(self._exchange(client, payload), self._timeout_s)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             raise _RetryableFailure(f"timeout: no complete answer within {self._timeout_s}s") from None
         except (httpx.NetworkError, httpx.RemoteProtocolError) as error:
             raise _RetryableFailure(f"connection error: {type(error).__name__}: {error}") from None
-        except httpx.HTTPError as error:
+        # InvalidURL is no HTTPError; either way the request cannot be sent as it is, so retrying cannot help.
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
             raise RetrievalError(
                 f"retrieval request to {self.endpoint} failed: {type(error).__name__}: {error}"
             ) from None
-        if response.status_code >= 500:
-            raise _RetryableFailure(f"server error HTTP {response.status_code}: {_excerpt(response.text)}")
-        if response.status_code >= 400:
+        if status >= 500:
+            raise _RetryableFailure(f"server error HTTP {status}: {_excerpt(body)}")
+        if status >= 400:
             raise RetrievalError(
-                f"retrieval request to {self.endpoint} was rejected with HTTP {response.status_code}: "
-                f"{_excerpt(response.text)}"
+                f"retrieval request to {self.endpoint} was rejected with HTTP {status}: {_excerpt(body)}"
             )
-        return response
+        return body
+
+    async def _exchange(self, client: httpx.AsyncClient, payload: dict[str, Any]) -> tuple[int, bytes]:
+        """Send ``payload``; the status and the body, read as sent (uncompressed) and refused past the size limit.
+
+        Asking for an uncompressed answer and reading raw bytes keeps a small compressed body from expanding
+        to gigabytes in memory: httpx would otherwise decompress it whole, before any size check could run.
+        """
+        headers = {"Accept-Encoding": "identity"}
+        async with client.stream("POST", self.endpoint, json=payload, headers=headers) as response:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise RetrievalError(
+                    f"answer from {self.endpoint} is compressed ({encoding}) although an uncompressed one was asked for"
+                )
+            return response.status_code, await self._read_body(response)
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        """The raw body; raises RetrievalError as soon as it is declared or grows longer than the limit."""
+        limit = self._max_response_bytes
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RetrievalError(f"answer from {self.endpoint} is too large: declared {declared} bytes, limit {limit}")
+        body = bytearray()
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > limit:
+                raise RetrievalError(f"answer from {self.endpoint} is too large: more than {limit} bytes")
+        return bytes(body)
 
 
-def _parse_result(response: httpx.Response, num_queries: int, endpoint: str) -> list[list[Hit]]:
-    """Validate a Search-R1 answer and convert it to hits; any deviation is a RetrievalError."""
+def retrieve_endpoint(url: str) -> str:
+    """The ``/retrieve`` endpoint under the server base ``url``; raises ValueError saying what is wrong with it."""
     try:
-        result = response.json()["result"]
+        parsed = httpx.URL(url)
+        # host and port are decoded on access, so they can fail too.
+        scheme, host, port = parsed.scheme, parsed.host, parsed.port
+    # ValueError: idna's error for a host that is no valid international domain name.
+    except (httpx.InvalidURL, ValueError, TypeError) as error:
+        raise ValueError(f"retriever url {url!r} is malformed: {error}") from None
+    problems = [
+        (scheme not in ("http", "https"), "its scheme must be http or https"),
+        (not host, "it names no host"),
+        (port is not None and not 1 <= port <= 65535, "its port must lie in [1, 65535]"),
+        (bool(parsed.query or parsed.fragment), "a base URL takes no query or fragment"),
+    ]
+    for failed, problem in problems:
+        if failed:
+            raise ValueError(f"retriever url {url!r} is malformed: {problem} (e.g. http://127.0.0.1:8000)")
+    return url.rstrip("/") + "/retrieve"
+
+
+def _parse_result(body: bytes, num_queries: int, endpoint: str) -> list[list[Hit]]:
+    """Validate a Search-R1 answer body and convert it to hits; any deviation is a RetrievalError."""
+    try:
+        result = json.loads(body)["result"]
         if not isinstance(result, list) or len(result) != num_queries:
             raise ValueError(f"expected {num_queries} result lists, got {_describe(result)}")
         return [[_hit_from_entry(entry) for entry in _as_list(hits)] for hits in result]
-    except (ValueError, KeyError, TypeError) as error:
-        raise RetrievalError(f"malformed answer from {endpoint}: {error}") from None
+    # RecursionError: nesting too deep for json; OverflowError: a score too large for a float.
+    except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as error:
+        raise RetrievalError(f"malformed answer from {endpoint}: {type(error).__name__}: {error}") from None
 
 
 def _hit_from_entry(entry: Any) -> Hit:
@@ -163,6 +258,7 @@ def _describe(value: Any) -> str:
     return f"{len(value)}" if isinstance(value, list) else type(value).__name__
 
 
-def _excerpt(text: str, limit: int = 300) -> str:
+def _excerpt(body: bytes, limit: int = 300) -> str:
     """The start of a server's error body, enough to say why without flooding the model's observation."""
+    text = body[: 4 * limit].decode("utf-8", errors="replace")
     return text if len(text) <= limit else text[:limit] + "..."

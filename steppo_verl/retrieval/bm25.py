@@ -83,7 +83,15 @@ class BM25Index:
         if len(passages) != record["num_passages"]:
             raise ValueError(f"{directory}: {len(passages)} passages on disk, index expects {record['num_passages']}")
         settings = TokenizerSettings(stopwords=record["stopwords"], stemmer_language=record["stemmer_language"])
-        return cls(bm25s.BM25.load(directory, show_progress=False), passages, settings)
+        retriever = bm25s.BM25.load(directory, show_progress=False)
+        # bm25s ranks document positions; positions beyond the passage list would fail at search time instead.
+        indexed = retriever.scores["num_docs"]
+        if indexed != len(passages):
+            raise ValueError(
+                f"{directory}: the BM25 index covers {indexed} documents but {len(passages)} passages are saved "
+                "with it; rebuild the index from its corpus"
+            )
+        return cls(retriever, passages, settings)
 
     def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
         """Best passages for each query, highest score first, at most ``min(topk, len(self))`` each.

@@ -2,13 +2,18 @@
 
     python -m steppo_verl.retrieval.server --corpus corpus.jsonl --index index_dir [--host 127.0.0.1]
         [--port 8000] [--topk-max 50] [--max-queries 256] [--max-query-chars 2000] [--max-body-bytes N]
+        [--body-timeout-s 30]
 
 Builds the index into ``index_dir`` on first start (with a progress bar) and loads it afterwards. Serves
 ``POST /retrieve`` (see :mod:`steppo_verl.retrieval.backends` for the wire format) and ``GET /health``.
+Every request the server cannot answer is refused with a 4xx saying why (so clients do not retry it);
+a 5xx means the server itself failed.
 """
 
 import argparse
+import asyncio
 import contextlib
+import math
 import os
 import socket
 import subprocess
@@ -22,12 +27,13 @@ from typing import IO, Annotated, Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI
-from pydantic import BaseModel, Field, StringConstraints, create_model
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import AfterValidator, BaseModel, Field, create_model
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backends import EmbeddedBM25Backend
+from .backends import MAX_QUERY_CHARS, EmbeddedBM25Backend, query_problem
 from .bm25 import BM25Index
 from .corpus import Hit, load_corpus
 
@@ -43,12 +49,18 @@ class ServerLimits:
 
     topk_max: int = 50
     max_queries: int = 256
-    max_query_chars: int = 2000
+    max_query_chars: int = MAX_QUERY_CHARS
     max_body_bytes: int = 4 * 1024 * 1024
     # Used when a request sends no topk (the Search-R1 API makes it optional).
     default_topk: int = 3
+    # A client must send its whole body within this time; one that stops mid-body is answered 408 and
+    # disconnected, instead of holding a connection (and its buffers) open indefinitely.
+    body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        for name in ("topk_max", "max_queries", "max_query_chars", "max_body_bytes", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 1 <= self.default_topk <= self.topk_max:
             raise ValueError(f"default_topk must lie in [1, topk_max={self.topk_max}], got {self.default_topk}")
 
@@ -60,15 +72,17 @@ class ServerLimits:
             f"--max-query-chars={self.max_query_chars}",
             f"--max-body-bytes={self.max_body_bytes}",
             f"--default-topk={self.default_topk}",
+            f"--body-timeout-s={self.body_timeout_s}",
         ]
 
 
 def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastAPI:
-    """The FastAPI app serving ``index``; limits are enforced by validation (422) and by body size (413)."""
+    """The FastAPI app serving ``index``; limits are enforced by validation (422), body size (413) and time (408)."""
     request_model = _request_model(limits)
-    backend = EmbeddedBM25Backend(index)
+    backend = EmbeddedBM25Backend(index, max_query_chars=limits.max_query_chars)
     app = FastAPI(title="StepPO BM25 retrieval")
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
+    app.add_exception_handler(RequestValidationError, _refuse_invalid_request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -86,13 +100,31 @@ def create_app(index: BM25Index, limits: ServerLimits = ServerLimits()) -> FastA
 
 def _request_model(limits: ServerLimits) -> type[BaseModel]:
     """The Search-R1 request schema with this server's limits built into its constraints."""
-    query = Annotated[str, StringConstraints(max_length=limits.max_query_chars)]
+
+    def searchable(query: str) -> str:
+        # The backends' own check, so the server refuses exactly what an embedded backend would.
+        problem = query_problem(query, limits.max_query_chars)
+        if problem is not None:
+            raise ValueError(problem)
+        return query
+
+    query = Annotated[str, AfterValidator(searchable)]
     return create_model(
         "RetrieveRequest",
         queries=(list[query], Field(max_length=limits.max_queries)),
         topk=(int | None, Field(default=None, ge=1, le=limits.topk_max)),
         return_scores=(bool, False),
     )
+
+
+async def _refuse_invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 listing where and why the request is invalid, without FastAPI's echo of the offending input.
+
+    The echo is what made invalid requests fail with 500: a NaN or Infinity (which Python's json parser
+    accepts) or a lone surrogate cannot be encoded into the JSON answer.
+    """
+    detail = [{"loc": [str(part) for part in problem["loc"]], "msg": problem["msg"]} for problem in error.errors()]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 def _entry(hit: Hit, with_score: bool) -> dict[str, Any]:
@@ -102,30 +134,43 @@ def _entry(hit: Hit, with_score: bool) -> dict[str, Any]:
 
 
 class BodySizeLimit:
-    """ASGI middleware answering 413 to request bodies over ``max_bytes``, declared or actually sent.
+    """ASGI middleware answering 413 to request bodies over ``max_bytes``, declared or actually sent, and 408
+    (closing the connection) to bodies not complete within ``timeout_s``.
 
     The body is read here, before routing, so an oversized (or chunked, undeclared) body is refused
     without being handed to validation; accepted bodies are replayed to the application unchanged.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        body = None if declared and int(declared) > self.max_bytes else await self._read_body(receive)
-        if body is None:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        try:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                raise _BodyTooLarge
+            body = await asyncio.wait_for(self._read_body(receive), self.timeout_s)
+        except _BodyTooLarge:
+            # The connection stays open: uvicorn reads and drops the rest of the body, so a client still sending
+            # gets this answer; closing with its bytes unread would reset the connection before it is read.
             message = f"request body exceeds the limit of {self.max_bytes} bytes"
             await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
             return
+        except asyncio.TimeoutError:
+            # A stalled client sends nothing more; closing frees the connection (and buffers) it would hold.
+            message = f"request body not received within {self.timeout_s}s"
+            headers = {"Connection": "close"}
+            await JSONResponse({"detail": message}, status_code=408, headers=headers)(scope, receive, send)
+            return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None as soon as it grows past the limit."""
+    async def _read_body(self, receive: Receive) -> bytes:
+        """The whole body; raises :class:`_BodyTooLarge` as soon as it grows past the limit."""
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -135,10 +180,14 @@ class BodySizeLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return None
+                raise _BodyTooLarge
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+class _BodyTooLarge(Exception):
+    """The request body is (declared) longer than the server accepts."""
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -240,6 +289,21 @@ def _tail(log: IO[bytes], limit: int = 4000) -> str:
     return log.read().decode("utf-8", errors="replace")
 
 
+def _positive(kind: type[int] | type[float]):
+    """An argparse type accepting only finite numbers of ``kind`` above zero (a limit of 0 or -1 refuses everything)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = ServerLimits()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,11 +311,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--index", required=True, help="directory the index is loaded from, or built into")
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
-    parser.add_argument("--topk-max", type=int, default=defaults.topk_max)
-    parser.add_argument("--max-queries", type=int, default=defaults.max_queries)
-    parser.add_argument("--max-query-chars", type=int, default=defaults.max_query_chars)
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
-    parser.add_argument("--default-topk", type=int, default=defaults.default_topk)
+    parser.add_argument("--topk-max", type=_positive(int), default=defaults.topk_max)
+    parser.add_argument("--max-queries", type=_positive(int), default=defaults.max_queries)
+    parser.add_argument("--max-query-chars", type=_positive(int), default=defaults.max_query_chars)
+    parser.add_argument("--max-body-bytes", type=_positive(int), default=defaults.max_body_bytes)
+    parser.add_argument("--default-topk", type=_positive(int), default=defaults.default_topk)
+    parser.add_argument(
+        "--body-timeout-s", type=_positive(float), default=defaults.body_timeout_s,
+        help="seconds a client has to send its whole request body",
+    )
     parser.add_argument("--build-only", action="store_true", help="build (or check) the index, then exit")
     return parser.parse_args(argv)
 
@@ -264,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_query_chars=args.max_query_chars,
         max_body_bytes=args.max_body_bytes,
         default_topk=args.default_topk,
+        body_timeout_s=args.body_timeout_s,
     )
     index = load_or_build_index(args.index, args.corpus)
     if args.build_only:

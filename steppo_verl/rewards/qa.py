@@ -1,7 +1,10 @@
 """Exact-match and F1 reward for question answering, scored like the official HotpotQA evaluation.
 
-The policy puts its final answer in ``<answer>...</answer>``; the last such pair counts. Answers are
-compared to the gold answer(s) after SQuAD normalisation.
+The policy puts its final answer in ``<answer>...</answer>``; the last such pair the *policy* wrote counts:
+with the step agent loop, only its own steps are read (``extra_info["action_texts"]``, see
+:mod:`steppo_verl.transcript`), so an answer tag quoted by a retrieved passage scores nothing. Without those
+(a single-turn rollout, another agent loop) the whole ``solution_str`` is read. Answers are compared to the
+gold answer(s) after SQuAD normalisation.
 
 Use it as verl's custom reward function (verl 0.9.1 reads ``reward.custom_reward_function`` in
 ``verl/trainer/ppo/reward.py::get_custom_reward_fn``)::
@@ -22,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
+from steppo_verl.transcript import action_texts
+
+# One pass over the tags (a lazy `<answer>(.*?)</answer>` rescans the rest of the text from every
+# unclosed opening tag: quadratic, seconds on 128 KB of them).
+_ANSWER_TAGS = re.compile(r"<(/?)answer>", re.IGNORECASE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # HotpotQA gives no partial credit on these: "yes it is" must not half-match "yes".
@@ -30,9 +37,27 @@ _CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
 
 
 def extract_answer(solution_str: str) -> str | None:
-    """Return the stripped content of the last ``<answer>...</answer>`` pair, or None if there is none."""
-    answers = _ANSWER_TAG.findall(solution_str)
-    return answers[-1].strip() if answers else None
+    """Return the stripped content of the last ``<answer>...</answer>`` pair, or None if there is none.
+
+    A pair is a closing tag and the latest opening tag before it (``<answer>a <answer>b</answer>`` answers
+    ``b``); closing tags without an opening one are ignored. Linear in the length of the text.
+    """
+    answer, opened_at = None, None
+    for tag in _ANSWER_TAGS.finditer(solution_str):
+        if not tag[1]:
+            opened_at = tag.end()
+        elif opened_at is not None:
+            answer, opened_at = solution_str[opened_at : tag.start()], None
+    return None if answer is None else answer.strip()
+
+
+def policy_answer(solution_str: str, extra_info: dict | None) -> str | None:
+    """The last answer in the policy's own text (:func:`steppo_verl.transcript.action_texts`).
+
+    Each step is read on its own, so a pair never spans an observation; the latest step with an answer wins.
+    """
+    answers = (extract_answer(text) for text in reversed(action_texts(solution_str, extra_info)))
+    return next((answer for answer in answers if answer is not None), None)
 
 
 def normalize_answer(text: str) -> str:
@@ -113,14 +138,15 @@ def compute_score(
 ) -> dict[str, float]:
     """Score one response for verl: ``{"score", "em", "f1"}``, each the best over the accepted answers.
 
-    ``data_source`` and ``extra_info`` are part of verl's call and unused here; ``**kwargs`` absorbs
-    what some reward managers add (e.g. ``reward_router_address``). ``metric`` ("em" or "f1") picks
-    which of the two becomes ``score``. A response without a complete answer tag scores 0.
+    The answer is :func:`policy_answer`'s (the policy's steps from ``extra_info`` when the step agent loop
+    recorded them, else ``solution_str``). ``data_source`` is part of verl's call and unused here;
+    ``**kwargs`` absorbs what some reward managers add (e.g. ``reward_router_address``). ``metric`` ("em"
+    or "f1") picks which of the two becomes ``score``. A response without a complete answer tag scores 0.
     """
     if metric not in ("em", "f1"):
         raise ValueError(f"unknown metric {metric!r}; expected 'em' or 'f1'")
     golds = gold_answers(ground_truth)
-    prediction = extract_answer(solution_str)
+    prediction = policy_answer(solution_str, extra_info)
     if prediction is None:
         scores = {"em": 0.0, "f1": 0.0}
     else:

@@ -3,23 +3,39 @@ final answer says so, else 0.
 
     reward.custom_reward_function.path=pkg://steppo_verl.rewards.vault   (set by config/task/vault.yaml)
 
-Whether the vault was opened is read from the transcript verl scores (the response: the policy's turns and
-the tool's observations). The vault's observation carries the question's code (the ground truth), which no
-other observation shows and the policy cannot know before the vault opens, so the policy cannot fake it.
+Each side is read from the text its author wrote (:mod:`steppo_verl.transcript`): whether the vault was
+opened from the environment's observations (the vault's observation carries the question's code, the ground
+truth), the answer from the policy's own steps. Reading the whole transcript instead would pay a policy that
+writes "Vault open. Code: ..." itself (a guess among a few codes) without opening a door. The observations
+come from the step agent loop through ``extra_info``; without them the reward refuses to score rather than
+fall back to the transcript.
 """
 
 from typing import Any
 
-from steppo_verl.rewards.qa import extract_answer, gold_answers
+from steppo_verl.rewards.qa import gold_answers, policy_answer
 from steppo_verl.tools.vault import vault_observation
+from steppo_verl.transcript import OBSERVATION_TEXTS, observation_texts
 
 OPENED_ANSWER = "open"
 
 
-def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any) -> float:
-    """1.0 if ``solution_str`` holds the vault's observation for ``ground_truth`` (the code) and its last
-    ``<answer>`` is ``open``; 0.0 otherwise."""
+def compute_score(
+    data_source: str, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any
+) -> float:
+    """1.0 if an observation shows the vault open for ``ground_truth`` (the code) and the policy's last
+    ``<answer>`` is ``open``; 0.0 otherwise.
+
+    Raises:
+        ValueError: ``extra_info`` lacks the observations the step agent loop records.
+    """
     code = gold_answers(ground_truth)[0]
-    answer = extract_answer(solution_str)
-    opened = vault_observation(code) in solution_str
+    observations = observation_texts(extra_info)
+    if observations is None:
+        raise ValueError(
+            f"vault reward: extra_info has no {OBSERVATION_TEXTS!r}; the vault task must run the steppo_agent "
+            "loop with rewards computed in the agent loop (no colocated reward model)"
+        )
+    opened = any(vault_observation(code) in observation for observation in observations)
+    answer = policy_answer(solution_str, extra_info)
     return float(opened and answer is not None and answer.lower() == OPENED_ANSWER)

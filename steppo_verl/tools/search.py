@@ -8,8 +8,10 @@ too) and receives, for each query, the top passages in the Search-R1 layout::
     Doc 2 (Title: ...) ...
 
 ``execute`` never raises: malformed arguments and retriever failures come back as an observation that says
-what went wrong, so one bad call costs the trajectory a turn rather than the rollout. The tool's step reward
-is :data:`SEARCH_STEP_REWARD` (0); the outcome reward comes from the QA reward function.
+what went wrong, so one bad call costs the trajectory a turn rather than the rollout. Queries and passages
+are made encodable (lone surrogates, as JSON escapes like ``"\\ud800"`` decode to, become U+FFFD) before
+they reach a backend or the observation. The tool's step reward is :data:`SEARCH_STEP_REWARD` (0); the
+outcome reward comes from the QA reward function.
 
 Configuration is the ``config:`` block of the tool yaml (see ``steppo_verl/config/search_tool.yaml`` and
 :class:`SearchToolConfig`). The embedded backend loads its index at its first search, once per process,
@@ -37,7 +39,9 @@ from steppo_verl.retrieval import (
     HttpRetrievalBackend,
     RetrievalBackend,
     RetrievalError,
+    query_problem,
 )
+from steppo_verl.safe_text import encodable
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +188,11 @@ def parse_arguments(parameters: Any, max_queries: int) -> SearchRequest:
         raise InvalidSearchArguments("'query_list' is empty")
     if not all(query.strip() for query in queries):
         raise InvalidSearchArguments("every query must contain some words")
+    # A lone surrogate cannot be sent to a server (UTF-8) nor tokenized when the query is echoed.
+    queries = [encodable(query) for query in queries]
+    problem = next(filter(None, map(query_problem, queries)), None)
+    if problem is not None:  # refused before any search, with the same limit as every backend
+        raise InvalidSearchArguments(problem)
     return SearchRequest(queries=queries[:max_queries], dropped=max(0, len(queries) - max_queries))
 
 
@@ -254,7 +263,8 @@ class SearchTool(BaseTool):
             return ToolResponse(text=text), SEARCH_STEP_REWARD, _metrics(len(request.queries), 0, latency, reason)
         latency = time.perf_counter() - started
 
-        text = format_results(request.queries, hits, self.settings.max_passage_chars)
+        # Passages too: a corpus read from JSON may hold lone surrogates.
+        text = encodable(format_results(request.queries, hits, self.settings.max_passage_chars))
         if request.dropped:
             text = self._dropped_note(request) + "\n\n" + text
         num_passages = sum(len(query_hits) for query_hits in hits)
