@@ -195,8 +195,12 @@ def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: A
         config: verl's ``CriticConfig``.
         model_output: the critic engine's output; ``values`` nested ``[B, j]`` over the whole sequence.
         data: the micro-batch TensorDict: ``values`` (old), ``returns``, ``response_mask`` nested
-            ``[B, j]``, optional ``step_ids`` (else runs of ``response_mask``), and verl's ``dp_size``,
-            ``global_batch_size``.
+            ``[B, j]``, and verl's ``dp_size``, ``global_batch_size``.
+
+    Steps are the runs of ``response_mask`` (as in the policy loss): exact for ``steppo_agent`` and
+    verl's tool agent loop, whose steps are always separated by observation tokens, and consistent with
+    the mask verl hands the critic after its own edits (padding samples, rejection sampling), which the
+    agent loop's ``step_ids`` in the same micro-batch do not follow.
     """
     from verl.utils.metric import AggregationType, Metric
     from verl.workers.utils.padding import no_padding_2_padding
@@ -204,10 +208,9 @@ def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: A
     vpreds = no_padding_2_padding(model_output["values"], data)  # [B, L]
     padded = {
         name: (data[name].to_padded_tensor(pad) if data[name].is_nested else data[name])
-        for name, pad in (("values", 0.0), ("returns", 0.0), ("response_mask", 0), ("step_ids", -1))
-        if name in data.keys()
+        for name, pad in (("values", 0.0), ("returns", 0.0), ("response_mask", 0))
     }
-    starts = step_start_mask(locate_steps(padded["response_mask"], padded.get("step_ids")))
+    starts = step_start_mask(locate_steps(padded["response_mask"]))
     dp_size, global_batch_size = data["dp_size"], data["global_batch_size"]
     vf_loss, vf_clipfrac = compute_value_loss(
         vpreds=vpreds,

@@ -176,3 +176,30 @@ def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
     assert sorted(p.name for p in (work / "checkpoints" / "steppo_steps").glob("*.parquet")) == [
         "step_000001.parquet", "step_000002.parquet"]
     assert "trajectory" in report.read_text().lower()
+
+
+# verl edits a batch after the rollout: it pads one that does not divide by the mini-batch with copies of a
+# sample whose response is one masked token, and rejection sampling masks tokens (here: nearly every token
+# whose rollout and trainer log-probs differ at all, so steps are cut apart mid-step). The step fields must
+# follow (trainer.align_step_fields; the critic's step-start loss reads the edited mask).
+BATCH_EDITS = {
+    "padding": ["data.train_batch_size=6", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                "critic.ppo_mini_batch_size=4"],  # 6 trajectories, padded to 8 for mini-batches of 4
+    "rejection": ["algorithm.rollout_correction.rollout_rs=token_k1",
+                  "algorithm.rollout_correction.rollout_rs_threshold='0.9999999_1.0000001'"],
+}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+@pytest.mark.parametrize("edit", sorted(BATCH_EDITS))
+def test_steppo_step_fields_follow_verls_batch_edits(tmp_path, edit):
+    work = tmp_path / "smoke"
+    cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "trainer.steppo_dump.every_n_steps=0", *BATCH_EDITS[edit]]
+    result = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2")
+    assert_two_finite_steps(result, "critic/vf_loss", "steppo/step_advantage/mean", "steppo/step_value/mean")
+    if edit == "padding":  # verl's padding samples are in the batch: one masked token, so no step
+        assert all(step["steppo/num_steps/min"] == 0 for step in result.metrics.values())
+    if edit == "rejection":
+        rejected = [value for step in result.metrics.values() for key, value in step.items()
+                    if key.endswith("rollout_rs_masked_fraction")]
+        assert rejected and max(rejected) > 0, "rejection sampling must have masked tokens for this test to mean much"

@@ -217,7 +217,8 @@ def critic_micro_batch(prompt_lens, response_masks, step_ids=None):
 
 def test_step_start_value_loss_trains_only_the_positions_it_names():
     masks = [[1, 1, 0, 0, 1, 1], [0, 1, 1, 1]]  # row 0: steps at 0 and 4; row 1: one step at 1
-    step_ids = [[0, 0, -1, -1, 1, 1], [-1, 0, 0, 0]]
+    # The agent loop's ids as verl's padding leaves them (copied from another sample): not used.
+    step_ids = [[0, 0, 0, 0, 0, 0, 0], [0, 0]]
     prompt_lens = [3, 2]
     data, predictions = critic_micro_batch(prompt_lens, masks, step_ids)
     loss, metrics = step_start_value_loss(critic_config(), {"values": predictions}, data)
@@ -233,7 +234,7 @@ def test_step_start_value_loss_trains_only_the_positions_it_names():
     assert math.isfinite(metrics["critic/vpred_mean"])
 
 
-def test_step_start_value_loss_recovers_steps_from_the_mask_without_step_ids():
+def test_step_start_value_loss_reads_steps_from_the_mask_without_step_ids():
     masks = [[1, 1, 0, 1], [1, 0, 1, 1]]
     data, predictions = critic_micro_batch([2, 2], masks)
     loss, _ = step_start_value_loss(critic_config(), {"values": predictions}, data)
