@@ -2,9 +2,11 @@
 
     python benchmarks/bench_advantage.py                        # 1,024 x 8 steps x 4,096 tokens
     python benchmarks/bench_advantage.py --batch 256 --length 1024 --repeats 3
+    python benchmarks/bench_advantage.py --threads 1 --no-memory   # on a busy machine: 1 torch thread
 
-Prints the median time of each estimator and its ratio to the baseline measured in this run
-(``verl gae`` for the critic-based estimators, ``verl grpo`` for the group ones), and writes the
+Prints the median wall-clock and CPU time of each estimator and their ratios to the baseline
+measured in this run (``verl gae`` for the critic-based estimators, ``verl grpo`` for the group
+ones; CPU time is the steadier one on a busy machine, see ``median_seconds``), and writes the
 figures to ``benchmarks/results/advantage.json`` (``--out`` to change). Also timed: a
 re-implementation of the reference StepPO code's step GAE, which works on one row per step and
 walks each trajectory's rows in Python (given the per-step rewards and values already extracted;
@@ -120,14 +122,18 @@ BASELINES = {"verl gae (token loop)": ["steppo (explicit step_ids)", "steppo (st
              "verl grpo": ["step_grpo", "gigpo (step-index anchors)"]}
 
 
-def median_seconds(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall-clock, CPU) seconds of ``fn()``. CPU time (this process, all threads) leaves out
+    the time the scheduler gave to other processes, so on a busy machine it is the steadier figure;
+    with more than one torch thread it also counts threads spinning while they wait."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 # ----------------------------------------------------------------------------- peak memory
@@ -216,24 +222,28 @@ def toy_checks() -> list[dict]:
 def _run_child(flag: list[str], args: argparse.Namespace) -> dict | list:
     """Run this script with ``flag`` in a fresh interpreter; return the JSON it prints last."""
     size = ["--batch", str(args.batch), "--steps", str(args.steps), "--length", str(args.length),
-            "--group", str(args.group)]
+            "--group", str(args.group)] + (["--threads", str(args.threads)] if args.threads else [])
     done = subprocess.run([sys.executable, __file__, *flag, *size], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _print_table(seconds: dict[str, float], memory: dict[str, dict]) -> list[dict]:
-    print(f"{'estimator':34s} {'median s':>10s} {'speed-up':>11s} {'extra peak MiB':>15s} {'x inputs':>9s}")
+def _print_table(timings: dict[str, tuple[float, float]], memory: dict[str, dict]) -> list[dict]:
+    print(f"{'estimator':34s} {'median s':>10s} {'speed-up':>11s} {'CPU s':>8s} {'CPU speed-up':>13s} "
+          f"{'extra peak MiB':>15s} {'x inputs':>9s}")
     results = []
     for base, ours in BASELINES.items():
         for name in [base, *ours]:
-            speedup = seconds[base] / seconds[name]
+            (seconds, cpu), (base_seconds, base_cpu) = timings[name], timings[base]
+            speedup, cpu_speedup = base_seconds / seconds, base_cpu / max(cpu, 1e-9)
             label = "(baseline)" if name == base else f"{speedup:.1f}x"
+            cpu_label = "(baseline)" if name == base else f"{cpu_speedup:.1f}x"
             peak = memory.get(name, {})
             extra = f"{peak['extra_peak_bytes'] / MIB:,.0f}" if peak else "-"
             multiple = f"{peak['multiple_of_inputs']:.2f}" if peak.get("multiple_of_inputs") is not None else "-"
-            print(f"{name:34s} {seconds[name]:10.4f} {label:>11s} {extra:>15s} {multiple:>9s}")
-            results.append({"estimator": name, "seconds": seconds[name], "baseline": None if name == base else base,
-                            "speedup": speedup, "memory": peak or None})
+            print(f"{name:34s} {seconds:10.4f} {label:>11s} {cpu:8.4f} {cpu_label:>13s} {extra:>15s} {multiple:>9s}")
+            results.append({"estimator": name, "seconds": seconds, "cpu_seconds": cpu,
+                            "baseline": None if name == base else base, "speedup": speedup,
+                            "cpu_speedup": cpu_speedup, "memory": peak or None})
     return results
 
 
@@ -245,17 +255,20 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8, help="rollouts per prompt (group estimators)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median is reported)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory processes")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--memory-case", choices=list(CASES), help="(child) measure one estimator's peak memory")
     parser.add_argument("--check-memory-method", action="store_true", help="(child) run the toy memory checks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "advantage.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_case or args.check_memory_method:
         print(json.dumps(measure_case(args.memory_case, args) if args.memory_case else toy_checks()))
         return
 
     data = multi_turn_batch(args.batch, args.steps, args.length, args.group)
     input_bytes = sum(data[k].nbytes for k in ("token_level_rewards", "values", "response_mask", "step_ids"))
-    seconds = {name: median_seconds(factory(data), args.repeats) for name, (_, factory) in CASES.items()}
+    timings = {name: median_seconds(factory(data), args.repeats) for name, (_, factory) in CASES.items()}
     del data
     checks = [] if args.no_memory else _run_child(["--check-memory-method"], args)
     for check in checks:
@@ -264,7 +277,7 @@ def main() -> None:
     memory = {} if args.no_memory else {name: _run_child(["--memory-case", name], args) for name in CASES}
     print(f"batch {args.batch} x {args.steps} steps x {args.length} tokens, torch threads {torch.get_num_threads()}, "
           f"inputs {input_bytes / MIB:,.0f} MiB (rewards, values, response_mask, step_ids)")
-    results = _print_table(seconds, memory)
+    results = _print_table(timings, memory)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -57,17 +57,20 @@ def token_counts(steps: int, batch: int, seed: int) -> dict[str, int]:
 
 
 def forward_backward_seconds(model, row_lengths: list[int], micro_batch: int, repeats: int) -> float:
-    """Median wall time of forward+backward over all rows, ``micro_batch`` rows at a time."""
-    vocab = model.config.vocab_size
+    """Median wall time of forward+backward over all rows, ``micro_batch`` rows at a time, on the model's device."""
+    vocab, device = model.config.vocab_size, model.device
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(0, len(row_lengths), micro_batch):
             chunk = row_lengths[i : i + micro_batch]
-            ids = torch.randint(0, vocab, (len(chunk), max(chunk)))
-            mask = (torch.arange(max(chunk))[None, :] < torch.tensor(chunk)[:, None]).long()
+            ids = torch.randint(0, vocab, (len(chunk), max(chunk)), device=device)
+            lengths = torch.tensor(chunk, device=device)
+            mask = (torch.arange(max(chunk), device=device)[None, :] < lengths[:, None]).long()
             loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
             loss.backward()
+        if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     return statistics.median(times)

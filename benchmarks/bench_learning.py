@@ -56,6 +56,10 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "steppo+lam0.9": ("steppo", ("algorithm.lam=0.9",)),
     "steppo+lam0.5": ("steppo", ("algorithm.lam=0.5",)),
     "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
+    # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
+    "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
+    "steppo+state_values+lam0": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")),
+    "hgpo": ("hgpo", ()),
 }
 
 

@@ -4,6 +4,7 @@
 ``gigpo``       GiGPO: episode groups + anchor-state step groups (Feng et al., 2025).
 ``step_grpo``   GRPO with a per-step discounted reward-to-go.
 ``step_rloo``   RLOO with a per-step discounted reward-to-go.
+``hgpo``        HGPO: step groups by shared state history, weighted over history depths (He et al., 2026).
 
 All of them read steps through :mod:`steppo_verl.protocol`; ``gamma`` and ``lam`` act per step,
 never per token. verl's stock ``gae`` (token-level PPO) and ``grpo`` stay the token/trajectory
@@ -30,6 +31,7 @@ __all__ = [
     "algorithm_option",
     "compute_steppo_advantage",
     "compute_gigpo_advantage",
+    "compute_hgpo_advantage",
     "compute_step_grpo_advantage",
     "compute_step_rloo_advantage",
     "discounted_reverse_cumsum",
@@ -52,6 +54,20 @@ def _check_finite(name: str, x: torch.Tensor, where: torch.Tensor | None = None)
             + (f", position {position[1]}" if len(position) > 1 else "")
             + f" (value {x[tuple(position)].item()}); refusing to compute advantages from it"
         )
+
+
+def _check_finite_rewards(token_level_rewards: torch.Tensor, step_rewards: torch.Tensor, steps: Steps) -> None:
+    """Reject NaN/inf token rewards, read from their ``[B, K]`` step sums instead of a pass over ``[B, L]``.
+
+    Every token reward of a sample with steps is added (in float64) into one of its step sums, and a
+    NaN or +-inf term leaves that sum NaN or +-inf (+inf and -inf together give NaN). Only the
+    samples whose sums say so, and samples without steps (their rewards reach no sum), are
+    searched token by token for the message. A sum can also overflow from finite rewards; the
+    search then finds nothing and the overflow check on the outputs reports it.
+    """
+    suspect = (steps.step_mask & ~torch.isfinite(step_rewards)).any(dim=1) | (steps.num_steps == 0)
+    if bool(suspect.any()):
+        _check_finite("token_level_rewards", token_level_rewards, where=suspect[:, None])
 
 
 def _check_shape(name: str, x: torch.Tensor, shape: torch.Size) -> None:
@@ -197,11 +213,11 @@ def compute_steppo_advantage(
     _check_factor("gamma", gamma)
     _check_factor("lam", lam)
     steps = locate_steps(response_mask, step_ids)
-    _check_finite("token_level_rewards", token_level_rewards)
 
     with torch.no_grad():
         dtype = _compute_dtype(token_level_rewards)
         rewards = step_rewards(token_level_rewards.to(dtype), steps)  # [B, K]
+        _check_finite_rewards(token_level_rewards, rewards, steps)
         step_values = gather_at_step_starts(values, steps).to(dtype)  # [B, K] V(s_k)
         step_mask = steps.step_mask
         _check_finite("values at step starts", step_values, step_mask)
@@ -269,13 +285,18 @@ def _check_prompts_have_several_rollouts(estimator: str, uids: np.ndarray, count
 
 
 def _group_stats(x: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-element group count, mean and unbiased std (``torch.std`` convention), all ``[N]``."""
+    """Per-element group count, mean and unbiased std (``torch.std`` convention), all ``[N]`` in ``x``'s dtype.
+
+    Accumulated in float64: a float32 mean of equal values can miss them by one ulp, and that ulp divided
+    by ``std + eps`` would be an advantage of ~0.1 for rollouts that all did the same.
+    """
     num_groups = int(groups.max()) + 1 if groups.numel() else 0
-    count = torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, groups, torch.ones_like(x))
-    mean = torch.zeros_like(count).index_add_(0, groups, x) / count
-    squares = torch.zeros_like(count).index_add_(0, groups, (x - mean[groups]) ** 2)
+    x64 = x.double()
+    count = torch.zeros(num_groups, dtype=torch.float64, device=x.device).index_add_(0, groups, torch.ones_like(x64))
+    mean = torch.zeros_like(count).index_add_(0, groups, x64) / count
+    squares = torch.zeros_like(count).index_add_(0, groups, (x64 - mean[groups]) ** 2)
     std = (squares / (count - 1).clamp(min=1)).sqrt()
-    return count[groups], mean[groups], std[groups]
+    return count[groups].to(x.dtype), mean[groups].to(x.dtype), std[groups].to(x.dtype)
 
 
 def _episode_baseline(
@@ -283,12 +304,15 @@ def _episode_baseline(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-relative baseline and scale ``[B]`` of the episode return G_0.
 
-    A group of one keeps its raw value (baseline 0, scale 1): verl's GRPO rule.
+    A group of one keeps its raw value (baseline 0, scale 1): verl's GRPO rule. A group whose returns are
+    equal (std below ``epsilon``: rounding) is not scaled either: with ``gamma < 1`` a later step's return
+    differs from G_0 by the discount, and dividing that by ``std + eps`` would blow it up.
     """
     count, mean, std = _group_stats(episode_return, groups)
     single = count < 2
     baseline = torch.where(single, torch.zeros_like(mean), mean)
-    scale = torch.where(single, torch.ones_like(std), std + epsilon) if scale_by_std else torch.ones_like(std)
+    unscaled = single | (std < epsilon)
+    scale = torch.where(unscaled, torch.ones_like(std), std + epsilon) if scale_by_std else torch.ones_like(std)
     return baseline, scale
 
 
@@ -376,23 +400,10 @@ def compute_gigpo_advantage(
     """
     steps, returns, groups = _group_inputs("gigpo", token_level_rewards, response_mask, index, step_ids, gamma)
     step_mask = steps.step_mask
-    episode_return = _episode_return(returns)
-    baseline, scale = _episode_baseline(episode_return, groups, norm_adv_by_std, epsilon)
-    episode_adv = (episode_return - baseline) / scale  # [B]
-
-    max_steps = returns.shape[1]
-    if step_keys is None:
-        step_keys = torch.arange(max_steps, device=returns.device).expand(returns.shape[0], max_steps)
-    else:
-        step_keys = torch.as_tensor(step_keys, device=returns.device)[:, :max_steps]
-        _check_shape("step_keys", step_keys, returns.shape)
-    anchor = torch.stack([groups[:, None].expand_as(step_keys), step_keys.long()], dim=-1)[step_mask]  # [N, 2]
-    anchor_groups = torch.unique(anchor, dim=0, return_inverse=True)[1] if anchor.numel() else anchor[:, 0]
+    episode_adv = _episode_advantage(returns, groups, norm_adv_by_std, epsilon)  # [B]
+    anchor_groups = _history_groups(_state_keys(step_keys, returns), groups, step_mask, history_length=0)[:, 0]
     step_adv = torch.zeros_like(returns)
-    # A state visited once has nothing to compare with: its step term is 0, not its raw return.
-    count, mean, std = _group_stats(returns[step_mask], anchor_groups)
-    centred = torch.where(count > 1, returns[step_mask] - mean, 0.0)
-    step_adv[step_mask] = centred / (std + epsilon) if norm_adv_by_std else centred
+    step_adv[step_mask] = _relative_in_groups(returns[step_mask], anchor_groups, norm_adv_by_std, epsilon)[0]
 
     advantages = torch.where(step_mask, episode_adv[:, None] + step_weight * step_adv, torch.zeros_like(returns))
     advantages = _finite_to_tokens("advantages", advantages, steps, _output_dtype(token_level_rewards))
@@ -402,6 +413,77 @@ def compute_gigpo_advantage(
 def _episode_return(returns: torch.Tensor) -> torch.Tensor:
     """``[B]`` G_0, the whole episode's discounted return (0 for a sample without steps)."""
     return returns[:, 0] if returns.shape[1] else returns.new_zeros(returns.shape[0])
+
+
+def _episode_advantage(returns: torch.Tensor, groups: torch.Tensor, scale_by_std: bool, epsilon: float) -> torch.Tensor:
+    """``[B]`` GRPO's advantage of the episode return G_0 within its prompt group."""
+    episode_return = _episode_return(returns)
+    baseline, scale = _episode_baseline(episode_return, groups, scale_by_std, epsilon)
+    return (episode_return - baseline) / scale
+
+
+def _state_keys(step_keys: torch.Tensor | None, returns: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` int64 key of the state each step was taken from; the step index where none were recorded.
+
+    Columns past the batch's largest step count are cut off; too few columns are an error.
+    """
+    batch_size, max_steps = returns.shape
+    if step_keys is None:
+        return torch.arange(max_steps, device=returns.device).expand(batch_size, max_steps)
+    step_keys = torch.as_tensor(step_keys, device=returns.device)[:, :max_steps]
+    _check_shape("step_keys", step_keys, returns.shape)
+    return step_keys.long()
+
+
+def _history_groups(
+    step_keys: torch.Tensor, groups: torch.Tensor, step_mask: torch.Tensor, history_length: int
+) -> torch.Tensor:
+    """``[N, K+1]`` group of each step (N = steps in the batch) by prompt and k-step history, k = 1..K+1.
+
+    Two steps share the level-k group exactly when they share the prompt and the keys of their
+    last k steps, a "start" marker standing for each step before step 0. Level 1 is GiGPO's
+    anchor-state group; level k+1 splits level k by the key one step further back. Ids are
+    distinct across levels.
+
+    Each level is one 1-D ``torch.unique`` of ``previous level's id * (start + 1) + older key's id``,
+    with keys numbered densely and ``start`` the marker's id: exact (no hashing, no overflow below
+    3e9 steps) and far faster than ``torch.unique(dim=0)`` on rows of keys.
+
+    Args:
+        step_keys: ``[B, S]`` int64 state key per step.
+        groups: ``[B]`` dense prompt group per sample.
+        step_mask: ``[B, S]`` True where the step exists.
+        history_length: K.
+    """
+    batch_size, max_steps = step_keys.shape
+    key_ids = torch.unique(step_keys, return_inverse=True)[1].reshape(step_keys.shape)  # [B, S], dense
+    start = int(key_ids.max()) + 1 if key_ids.numel() else 0  # the marker: an id no key has
+    # Left-pad K markers so that the key `back` steps before step t sits at column t + K - back.
+    padded = F.pad(key_ids, (history_length, 0), value=start)
+    positions = torch.arange(max_steps, device=step_keys.device)
+    group = groups[:, None].expand(batch_size, max_steps)[step_mask]  # [N] level 0: the prompt
+    levels = []
+    for back in range(history_length + 1):  # level k = back + 1 adds the key `back` steps before t
+        older_key = padded[:, positions + history_length - back][step_mask]  # [N]
+        group = torch.unique(group * (start + 1) + older_key, return_inverse=True)[1]
+        levels.append(group + back * group.numel())
+    return torch.stack(levels, dim=1)
+
+
+def _relative_in_groups(
+    x: torch.Tensor, groups: torch.Tensor, scale_by_std: bool, epsilon: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative value of ``x [N]``: ``(x - mean) / (std + eps)`` (or only centred), per element.
+
+    Returns:
+        relative: ``[N]``; 0 in a group of one, which has nothing to compare with (a state visited
+            once gets no step term, not its raw return).
+        compared: ``[N]`` bool, True where the element's group has more than one member.
+    """
+    count, mean, std = _group_stats(x, groups)
+    compared = count > 1
+    centred = torch.where(compared, x - mean, 0.0)
+    return (centred / (std + epsilon) if scale_by_std else centred), compared
 
 
 def _group_inputs(estimator, token_level_rewards, response_mask, index, step_ids, gamma):
@@ -493,10 +575,123 @@ def step_rloo_estimator(token_level_rewards, response_mask, config=None, index=N
     )
 
 
+# ----------------------------------------------------------------------------- HGPO
+
+
+def compute_hgpo_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any,
+    step_ids: torch.Tensor | None = None,
+    step_keys: torch.Tensor | None = None,
+    gamma: float = 0.95,
+    history_length: int = 4,
+    alpha: float = 1.0,
+    episode_weight: float = 0.0,
+    norm_adv_by_std: bool = True,
+    epsilon: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HGPO, Hierarchy-of-Groups Policy Optimization (He et al., 2026, arXiv 2602.22817).
+
+    GiGPO compares steps taken from the same state even when the trajectories got there by
+    different paths; HGPO also groups steps by how much of their recent history they share.
+    For step t of a trajectory and k = 1..K+1 (K = ``history_length``), the k-step history is
+
+        h_k(t) = (key of step t-k+1, ..., key of step t)
+
+    with a "start" marker in place of the steps before step 0, so a history shorter than k only
+    equals the histories of other trajectories at the same position with the same keys. The
+    level-k group of a step holds the steps of the same prompt (uid) with the same h_k; the
+    groups are nested (h_{k+1} equal implies h_k equal). With G_t the discounted reward-to-go::
+
+        A_k(t) = (G_t - mean of the level-k group) / (std of the group + eps)
+        A(t)   = sum_k w_k A_k(t) / sum_k w_k,   w_k = (k+1)**alpha,
+                 both sums over the levels whose group has more than one member
+
+    A step whose groups all have one member has nothing to compare with and gets 0. The
+    optional episode term adds ``episode_weight`` x GRPO's advantage of G_0, as in GiGPO
+    (the paper uses none).
+
+    Args:
+        token_level_rewards, response_mask, step_ids: as in :func:`compute_steppo_advantage`.
+        index: ``[B]`` prompt uid per sample.
+        step_keys: ``[B, K]`` int64 key of the state each step was taken from (the agent loop's
+            observation key). ``None`` falls back to the step index, as in
+            :func:`compute_gigpo_advantage`; every level then equals the step-index group.
+        gamma: discount per step (the paper's 0.95).
+        history_length: K, the most past steps a group shares (the paper uses 2 and 4).
+        alpha: exponent of the level weights; larger favours deeper, more consistent groups.
+        episode_weight: weight of the episode-level GRPO term (0: none).
+        norm_adv_by_std: divide by the group std ("mean_std") or only centre ("mean_norm").
+
+    Returns:
+        ``[B, L]`` advantages, twice (no critic returns).
+    """
+    _check_hgpo_options(history_length, alpha, episode_weight)
+    steps, returns, groups = _group_inputs("hgpo", token_level_rewards, response_mask, index, step_ids, gamma)
+    step_mask = steps.step_mask
+    history_groups = _history_groups(_state_keys(step_keys, returns), groups, step_mask, history_length)
+    history_adv = torch.zeros_like(returns)
+    history_adv[step_mask] = _hierarchy_advantage(returns[step_mask], history_groups, alpha, norm_adv_by_std, epsilon)
+    episode_adv = _episode_advantage(returns, groups, norm_adv_by_std, epsilon)  # [B]
+    advantages = torch.where(step_mask, episode_weight * episode_adv[:, None] + history_adv, torch.zeros_like(returns))
+    advantages = _finite_to_tokens("advantages", advantages, steps, _output_dtype(token_level_rewards))
+    return advantages, advantages
+
+
+def _check_hgpo_options(history_length: Any, alpha: Any, episode_weight: Any) -> None:
+    if isinstance(history_length, bool) or not isinstance(history_length, (int, np.integer)) or history_length < 0:
+        raise ValueError(
+            f"hgpo history_length (algorithm.hgpo.history_length) must be an integer >= 0, got {history_length!r}"
+        )
+    for name, value in (("alpha", alpha), ("episode_weight", episode_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise ValueError(f"hgpo {name} (algorithm.hgpo.{name}) must be a finite number, got {value!r}")
+
+
+def _hierarchy_advantage(
+    returns: torch.Tensor, history_groups: torch.Tensor, alpha: float, scale_by_std: bool, epsilon: float
+) -> torch.Tensor:
+    """``[N]`` the weighted mean over levels of the group-relative returns; 0 with no group of two.
+
+    Args:
+        returns: ``[N]`` G_t of each step.
+        history_groups: ``[N, levels]`` from :func:`_history_groups`.
+    """
+    num_steps, num_levels = history_groups.shape
+    level_returns = returns[:, None].expand(num_steps, num_levels).reshape(-1)
+    relative, compared = _relative_in_groups(level_returns, history_groups.reshape(-1), scale_by_std, epsilon)
+    relative, compared = relative.view(num_steps, num_levels), compared.view(num_steps, num_levels)
+    # w_k / sum of the compared levels' w_k as a softmax of alpha * log(k + 1): no overflow for any alpha.
+    log_weights = alpha * torch.log(torch.arange(2, num_levels + 2, device=returns.device, dtype=returns.dtype))
+    weights = torch.softmax(torch.where(compared, log_weights, -torch.inf), dim=1)  # NaN where nothing compared
+    return (torch.where(compared, weights, 0.0) * relative).sum(dim=1)
+
+
+@register_adv_est("hgpo")
+def hgpo_estimator(
+    token_level_rewards, response_mask, config=None, index=None, step_ids=None, step_keys=None, **kwargs
+):
+    """verl entry for ``algorithm.adv_estimator=hgpo``; see :func:`compute_hgpo_advantage`."""
+    return compute_hgpo_advantage(
+        token_level_rewards,
+        response_mask,
+        index,
+        step_ids=step_ids,
+        step_keys=step_keys,
+        gamma=algorithm_option(config, "gamma", 0.95),
+        history_length=algorithm_option(config, "hgpo.history_length", 4),
+        alpha=algorithm_option(config, "hgpo.alpha", 1.0),
+        episode_weight=algorithm_option(config, "hgpo.episode_weight", 0.0),
+        norm_adv_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
+    )
+
+
 # What this module registers with verl; the plugin checks each entry after import.
 ESTIMATORS = {
     "steppo": steppo_estimator,
     "gigpo": gigpo_estimator,
     "step_grpo": step_grpo_estimator,
     "step_rloo": step_rloo_estimator,
+    "hgpo": hgpo_estimator,
 }

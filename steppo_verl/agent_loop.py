@@ -127,9 +127,14 @@ class StepAgentLoop(ToolAgentLoop):
         )
         if self.initial_search_tool:
             await self._search_the_question(agent_data, kwargs.get("extra_info") or {})
+        # verl's generating state copies the rollout server's extra fields (global steps, ...) only into an
+        # empty dict, and verl's metrics need them: hold what the forced search's tool wrote there until the
+        # first generation has run.
+        tool_fields = dict(agent_data.extra_fields)
+        agent_data.extra_fields.clear()
         await self._handle_pending_state(agent_data, sampling_params)
         steps: list[_Step] = []
-        ending = await self._run_steps(agent_data, sampling_params, steps)
+        ending = await self._run_steps(agent_data, sampling_params, steps, tool_fields)
         truncated = self.endings.bootstraps(ending)
         has_position = self.endings.has_bootstrap_position(ending)
         bootstrap = self._append_bootstrap_token(agent_data) if has_position else -1
@@ -149,8 +154,11 @@ class StepAgentLoop(ToolAgentLoop):
         response, _, _ = await self._call_tool(call, agent_data.tools_kwargs, agent_data)
         agent_data.messages.append({"role": "tool", "content": response.text or ""})
 
-    async def _run_steps(self, agent_data: AgentData, sampling_params: dict[str, Any], steps: list[_Step]) -> Ending:
-        """Alternate model steps and observations until the model answers or a limit cuts it off."""
+    async def _run_steps(self, agent_data: AgentData, sampling_params: dict[str, Any], steps: list[_Step],
+                         tool_fields: dict[str, Any]) -> Ending:
+        """Alternate model steps and observations until the model answers or a limit cuts it off;
+        ``tool_fields`` (what tools wrote to ``extra_fields`` before the first generation) join
+        ``extra_fields`` after it."""
         deadline = time.monotonic() + self.max_episode_seconds if self.max_episode_seconds else None
         key = state_key(agent_data.prompt_ids)
         while True:
@@ -158,6 +166,8 @@ class StepAgentLoop(ToolAgentLoop):
                 return Ending.TIMEOUT
             generated_before = len(agent_data.response_mask)
             state = await self._handle_generating_state(agent_data, sampling_params)
+            agent_data.extra_fields.update(tool_fields)
+            tool_fields = {}
             if len(agent_data.response_mask) > generated_before:
                 steps.append(_Step(state_key=key))
             if state == AgentState.TERMINATED:
@@ -307,11 +317,11 @@ def _step_tensors(response_mask: list[int], steps: list[_Step]) -> tuple[list[in
             "the Continuous Token builder merged or split a turn"
         )
     steps = steps[:num_steps]  # the response budget may have cut trailing steps
-    keys = torch.tensor([[s.state_key for s in steps]], dtype=torch.float64)
+    keys = torch.tensor([[s.state_key for s in steps]], dtype=torch.int64)
     rewards = torch.tensor([[s.reward for s in steps]], dtype=torch.float32)
     last_tokens = layout.starts + step_sums(torch.ones_like(mask), layout) - 1
     env_rewards = torch.zeros(mask.shape, dtype=torch.float32)
     if num_steps:
         env_rewards[0, last_tokens[0]] = rewards[0]
-    step_keys = scatter_to_tokens(keys, layout).to(torch.int64)
+    step_keys = scatter_to_tokens(keys, layout)
     return layout.step_ids()[0].tolist(), env_rewards[0].tolist(), step_keys[0].tolist()

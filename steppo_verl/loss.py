@@ -48,7 +48,9 @@ __all__ = [
 _MAX_LOG_RATIO = 10.0
 
 
-def _clip_range(config: Any) -> tuple[float, float]:
+def clip_range(config: Any) -> tuple[float, float]:
+    """``(low, high)`` clip bounds of an actor config: ``clip_ratio_low``/``clip_ratio_high``, each falling
+    back to ``clip_ratio`` where unset (as verl reads them)."""
     clip = config.clip_ratio
     low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
     high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
@@ -93,8 +95,9 @@ def compute_policy_loss_steppo(
 
     Returns:
         The scalar loss and metrics: token-level ``actor/pg_clipfrac`` and ``actor/ppo_kl`` as
-        verl reports them, plus ``actor/step_clipfrac`` (fraction of steps whose ratio was
-        clipped, each step counted once) and ``actor/step_ratio_mean``.
+        verl reports them, ``actor/pg_clipfrac_lower`` (token fraction where verl's dual clip,
+        ``clip_ratio_c``, bounds a negative advantage's loss), plus ``actor/step_clipfrac`` (fraction of
+        steps whose ratio was clipped, each step counted once) and ``actor/step_ratio_mean``.
     """
     return _step_policy_loss(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids
@@ -130,7 +133,7 @@ def _step_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     if config is None:
         raise ValueError("the steppo policy loss needs verl's actor config (clip ratios, global batch info)")
-    clip_low, clip_high = _clip_range(config)
+    clip_low, clip_high = clip_range(config)
     clip_ratio_c = config.get("clip_ratio_c", 3.0)
     if not clip_ratio_c > 1.0:
         raise ValueError(f"actor.clip_ratio_c (dual clip) must be > 1, got {clip_ratio_c}")

@@ -14,7 +14,7 @@ from steppo_verl.advantage import step_returns
 from steppo_verl.endings import Ending
 from steppo_verl.protocol import Steps, gather_at_step_starts
 
-__all__ = ["critic_state_metrics", "explained_variance", "observed_returns", "step_metrics"]
+__all__ = ["critic_state_metrics", "explained_variance", "observed_returns", "state_mean_returns", "step_metrics"]
 
 
 def explained_variance(predicted: torch.Tensor, target: torch.Tensor) -> float:
@@ -52,6 +52,46 @@ def observed_returns(
     return torch.where(steps.step_mask, outcomes, torch.zeros_like(outcomes))
 
 
+def _states(step_keys: torch.Tensor, step_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N]`` dense state id of each of the batch's N steps (by ``step_keys``) and ``[S]`` float64 visits per state."""
+    _, state = torch.unique(step_keys[step_mask], return_inverse=True)
+    return state, torch.bincount(state).to(torch.float64)
+
+
+def _state_sums(x: torch.Tensor, state: torch.Tensor, visits: torch.Tensor) -> torch.Tensor:
+    """``[S]`` float64 sum of ``x`` ``[N]`` over the steps of each state."""
+    return torch.zeros_like(visits).index_add_(0, state, x.double())
+
+
+def state_mean_returns(outcomes: torch.Tensor, step_keys: torch.Tensor, step_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's Monte-Carlo value of each step's state: the mean return observed from the same state by
+    the *other* steps of the batch (leave-one-out, so a step's own return never enters its baseline).
+
+    With many rollouts per state this is an unbiased estimate of the current policy's value of the state,
+    the critic's target: StepPO run on it (``algorithm.steppo.values=state_returns``) shows what step credit
+    gains with a calibrated critic, the upper bound the learned critic is measured against.
+
+    Args:
+        outcomes: ``[B, K]`` return observed from step k on (:func:`observed_returns`).
+        step_keys: ``[B, K]`` int64 state key of each step.
+        step_mask: ``[B, K]`` bool, True where sample b has a step k.
+
+    Returns:
+        ``[B, K]`` float64 leave-one-out mean return of the step's state, and ``[B, K]`` bool: where it
+        exists (the state was visited at least twice in the batch).
+    """
+    values = torch.zeros(outcomes.shape, dtype=torch.float64, device=outcomes.device)
+    known = torch.zeros_like(step_mask)
+    if not bool(step_mask.any()):
+        return values, known
+    state, visits = _states(step_keys, step_mask)
+    own = outcomes[step_mask].double()
+    others = visits[state] - 1
+    values[step_mask] = torch.where(others > 0, (_state_sums(own, state, visits)[state] - own) / others.clamp(min=1), 0.0)
+    known[step_mask] = others > 0
+    return values, known
+
+
 def critic_state_metrics(
     step_values: torch.Tensor, outcomes: torch.Tensor, step_keys: torch.Tensor, step_mask: torch.Tensor
 ) -> dict[str, float]:
@@ -76,13 +116,11 @@ def critic_state_metrics(
         (~0 for a critic that only tracks the batch mean, ~1 for a calibrated one; present with at least
         two states whose outcomes differ). Empty where no state repeats.
     """
-    keys = step_keys[step_mask]
-    if keys.numel() == 0:
+    if not bool(step_mask.any()):
         return {}
-    _, state = torch.unique(keys, return_inverse=True)
-    visits = torch.bincount(state).to(torch.float64)
-    mean_value = torch.zeros_like(visits).index_add_(0, state, step_values[step_mask].double()) / visits
-    mean_outcome = torch.zeros_like(visits).index_add_(0, state, outcomes[step_mask].double()) / visits
+    state, visits = _states(step_keys, step_mask)
+    mean_value = _state_sums(step_values[step_mask], state, visits) / visits
+    mean_outcome = _state_sums(outcomes[step_mask], state, visits) / visits
     repeated = visits >= 2
     if not bool(repeated.any()):
         return {}

@@ -20,14 +20,18 @@ Without ``step_ids`` (a stock verl agent loop), steps are the maximal runs of 1s
 
 Every consumer (estimators, losses, metrics, inspection) goes through :func:`locate_steps`
 once and then uses the :class:`Steps` helpers below; none re-derives steps. Everything is
-vectorised; per-token work is a handful of passes over ``[B, L]`` with no ``[B, L]`` int64
-temporaries (step starts are found with a cumulative count and ``searchsorted``, per-step sums
-with prefix sums, per-step values are broadcast with a cumulative sum of jumps).
+vectorised, and per-token work is a handful of light passes over ``[B, L]`` with no ``[B, L]``
+temporaries wider than 4 bytes (on CPU a fresh 8-byte ``[B, L]`` buffer costs more in page
+faults than the arithmetic done in it): one int32 cumulative count of step starts gives the
+start of every step (``searchsorted``) and every token's slot in a per-step table, so per-step
+values reach the tokens with one ``index_select``; per-step sums use float64 prefix sums
+computed a block of rows at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +64,16 @@ class Steps:
             K is the largest number of steps in any sample.
         step_mask: ``[B, K]`` bool, True where sample b has a step k.
         num_steps: ``[B]`` int64 number of steps per sample.
+        slots: ``[B, L]`` int32 (int64 past 2**31 steps), each token's entry in the table
+            ``[fill, v[0, 0], ..., v[0, K-1], v[1, 0], ...]`` of per-step values ``v [B, K]``
+            behind one fill value: ``1 + b * K + k`` on the tokens of step k, 0 on every other token.
     """
 
     action: torch.Tensor
     starts: torch.Tensor
     step_mask: torch.Tensor
     num_steps: torch.Tensor
+    slots: torch.Tensor
 
     @property
     def max_steps(self) -> int:
@@ -85,12 +93,11 @@ class Steps:
 
     def step_ids(self) -> torch.Tensor:
         """``[B, L]`` int64 step ids (-1 off action tokens), materialised from this layout."""
-        columns = torch.arange(self.max_steps, device=self.starts.device, dtype=torch.float64)
-        ids = scatter_to_tokens(columns.expand_as(self.starts), self, fill=-1.0)
-        return ids.to(torch.int64)
+        columns = torch.arange(self.max_steps, device=self.starts.device)
+        return scatter_to_tokens(columns.expand_as(self.starts), self, fill=-1)
 
 
-def _fail(sample: int, token: int, rule: str) -> None:
+def _fail(sample: int, token: int, rule: str) -> NoReturn:
     raise StepLayoutError(f"invalid step_ids in sample {sample} at response token {token}: {rule}")
 
 
@@ -100,7 +107,7 @@ def _check_any(bad: torch.Tensor, rule: str) -> None:
         _fail(sample, token, rule)
 
 
-def _check_ids_agree_with_mask(step_ids: torch.Tensor, response_mask: torch.Tensor, action: torch.Tensor) -> None:
+def _check_ids_type_and_shape(step_ids: torch.Tensor, response_mask: torch.Tensor) -> None:
     if step_ids.shape != response_mask.shape:
         raise StepLayoutError(
             f"step_ids has shape {tuple(step_ids.shape)} but response_mask has shape "
@@ -108,30 +115,81 @@ def _check_ids_agree_with_mask(step_ids: torch.Tensor, response_mask: torch.Tens
         )
     if step_ids.dtype.is_floating_point or step_ids.dtype.is_complex or step_ids.dtype == torch.bool:
         raise StepLayoutError(f"step_ids must be an integer tensor, got dtype {step_ids.dtype} (R1)")
+
+
+def _minus_one_exactly_off_actions(step_ids: torch.Tensor, action: torch.Tensor) -> bool:
+    """R1 and R2 but for negative ids other than -1 on action tokens, which R3 then catches.
+
+    Such a token's run starts with that negative id instead of its run number (one read of the ids
+    instead of two).
+    """
+    flags = (step_ids == -1).logical_xor_(action)  # True where the token obeys the rule
+    # The byte minimum is a vectorised reduction on CPU; bool all() is not (1.5 vs 0.2 ms per 4 M tokens).
+    return flags.numel() == 0 or bool(flags.view(torch.uint8).min())
+
+
+def _first_misnumbered_run(step_ids: torch.Tensor, steps: Steps) -> tuple[int, int] | None:
+    """R3 read at ``[B, K]``: (sample, run) of the first run whose id is not its run number, or None."""
+    if steps.max_steps == 0:
+        return None
+    ids_at_starts = torch.gather(step_ids, 1, steps.starts).to(torch.int64)
+    expected = torch.arange(steps.max_steps, device=step_ids.device)
+    bad = steps.step_mask & (ids_at_starts != expected[None, :])
+    return tuple(bad.nonzero()[0].tolist()) if bool(bad.any()) else None
+
+
+def _raise_first_violation(step_ids: torch.Tensor, action: torch.Tensor) -> NoReturn:
+    """Name the first broken rule (R1, R2, then R3) in ``step_ids``, known to be invalid."""
     _check_any(step_ids < -1, "step ids must be >= -1 (R1)")
     has_id = step_ids >= 0
-    if bool((has_id != action).any()):
-        _check_any(has_id & ~action, "a token with response_mask == 0 carries a step id; "
-                   "observation, tool and padding tokens must have step id -1 (R2)")
-        _check_any(~has_id & action, "an action token (response_mask == 1) has no step id (R2)")
+    _check_any(has_id & ~action, "a token with response_mask == 0 carries a step id; "
+               "observation, tool and padding tokens must have step id -1 (R2)")
+    _check_any(~has_id & action, "an action token (response_mask == 1) has no step id (R2)")
+    steps = _steps_from_runs(step_ids, action)
+    sample, run = _first_misnumbered_run(step_ids, steps)
+    ids_at_starts = torch.gather(step_ids[sample], 0, steps.starts[sample, : run + 1]).tolist()
+    step, seen = ids_at_starts[run], max(ids_at_starts[:run], default=-1)
+    problem = (
+        f"step {step} appears again after step {seen} (steps must be contiguous and increasing)"
+        if step <= seen
+        else f"step {step} follows step {seen} (step ids must not skip numbers; the first step is 0)"
+    )
+    _fail(sample, int(steps.starts[sample, run]), problem + " (R3)")
 
 
-def _starts_from_flags(is_start: torch.Tensor, action: torch.Tensor) -> Steps:
-    """Turn ``[B, L]`` step-start flags into :class:`Steps` (n-th flag of a row starts step n)."""
-    batch_size, length = is_start.shape
-    device = is_start.device
-    if length == 0:
-        empty = torch.zeros(batch_size, 0, dtype=torch.int64, device=device)
-        return Steps(action, empty, empty.bool(), torch.zeros(batch_size, dtype=torch.int64, device=device))
-    # float32 counts are exact below 2**24 tokens per row, and float cumsum is the fastest scan here.
-    started = torch.cumsum(is_start.to(torch.float32), dim=1)
-    num_steps = started[:, -1].to(torch.int64)
+def _steps_from_runs(labels: torch.Tensor, action: torch.Tensor) -> Steps:
+    """:class:`Steps` made of the maximal runs of action tokens with one label (n-th run = step n).
+
+    Args:
+        labels: ``[B, L]`` any dtype; a step starts where the label changes on an action token. The
+            label of an action token must differ from that of a non-action token: the mask itself
+            and step ids with -1 exactly off action tokens qualify.
+        action: ``[B, L]`` bool action tokens.
+    """
+    batch_size, length = action.shape
+    device = action.device
+    is_start = torch.empty_like(action)
+    is_start[:, :1] = True
+    torch.ne(labels[:, 1:], labels[:, :-1], out=is_start[:, 1:])
+    is_start &= action
+    # int32 from here on: fewer than 2**31 steps per row, and 4-byte passes are the cheap ones on CPU.
+    slots = is_start.to(torch.int32)
+    del is_start
+    num_steps = slots.sum(dim=1, dtype=torch.int32)
     max_steps = int(num_steps.max()) if batch_size else 0
-    wanted = torch.arange(1, max_steps + 1, device=device, dtype=torch.float32).expand(batch_size, -1).contiguous()
-    starts = torch.searchsorted(started, wanted)  # first token where the count reaches k + 1
+    index_dtype = torch.int32 if batch_size * max_steps < 2**31 - 1 else torch.int64
+    slots = slots.to(index_dtype)
+    offsets = torch.arange(batch_size, dtype=index_dtype, device=device)[:, None] * max_steps  # [B, 1]
+    # Seeding each row's scan with b * K makes the count the table index of Steps.slots.
+    slots[:, :1] += offsets
+    slots.cumsum_(dim=1)  # b * K + number of steps begun at or before each token
+    wanted = offsets + torch.arange(1, max_steps + 1, device=device, dtype=index_dtype)  # [B, K]
+    starts = torch.searchsorted(slots, wanted)  # first token where the count reaches k + 1
+    num_steps = num_steps.to(torch.int64)
     step_mask = torch.arange(max_steps, device=device)[None, :] < num_steps[:, None]
     starts = torch.where(step_mask, starts, torch.zeros_like(starts))
-    return Steps(action, starts, step_mask, num_steps)
+    torch.where(action, slots, slots.new_zeros(()), out=slots)  # off-step tokens read the fill value
+    return Steps(action, starts, step_mask, num_steps, slots)
 
 
 def locate_steps(response_mask: torch.Tensor, step_ids: torch.Tensor | None = None) -> Steps:
@@ -150,31 +208,15 @@ def locate_steps(response_mask: torch.Tensor, step_ids: torch.Tensor | None = No
     if response_mask.dim() != 2:
         raise StepLayoutError(f"response_mask must be 2-D [batch, response_length], got {response_mask.dim()}-D")
     action = response_mask if response_mask.dtype == torch.bool else response_mask != 0
-    # A step starts on an action token whose predecessor is not of the same step.
-    is_start = action.clone()
     if step_ids is None:
-        is_start[:, 1:] &= ~action[:, :-1]
-        return _starts_from_flags(is_start, action)
+        return _steps_from_runs(action, action)
 
-    _check_ids_agree_with_mask(step_ids, response_mask, action)
-    is_start[:, 1:] &= step_ids[:, 1:] != step_ids[:, :-1]
-    steps = _starts_from_flags(is_start, action)
-    if steps.max_steps:
-        ids_at_starts = torch.gather(step_ids, 1, steps.starts).to(torch.int64)
-        expected = torch.arange(steps.max_steps, device=step_ids.device)
-        bad = steps.step_mask & (ids_at_starts != expected[None, :])
-        if bool(bad.any()):
-            sample, run = bad.nonzero()[0].tolist()
-            step = int(ids_at_starts[sample, run])
-            seen = int(ids_at_starts[sample, :run].max()) if run else -1
-            problem = (
-                f"step {step} appears again after step {seen} (steps must be contiguous and increasing)"
-                if step <= seen
-                else f"step {step} follows step {seen} (step ids must not skip numbers; the first step is 0)"
-            )
-            _fail(sample, int(steps.starts[sample, run]), problem + " (R3)")
-    return steps
-
+    _check_ids_type_and_shape(step_ids, response_mask)
+    if _minus_one_exactly_off_actions(step_ids, action):
+        steps = _steps_from_runs(step_ids, action)
+        if _first_misnumbered_run(step_ids, steps) is None:
+            return steps
+    _raise_first_violation(step_ids, action)
 
 def validate_step_ids(step_ids: torch.Tensor, response_mask: torch.Tensor) -> None:
     """Raise :class:`StepLayoutError` naming the first offending sample if a rule is broken."""
@@ -204,45 +246,51 @@ def gather_at_step_starts(x: torch.Tensor, steps: Steps) -> torch.Tensor:
 def scatter_to_tokens(step_values: torch.Tensor, steps: Steps, fill: float = 0.0) -> torch.Tensor:
     """Broadcast per-step values ``[B, K]`` to the tokens of each step; ``fill`` elsewhere.
 
-    Returns ``[B, L]`` in the dtype of ``step_values``.
+    Returns ``[B, L]`` in the dtype of ``step_values``, each value copied exactly (one
+    ``index_select`` through :attr:`Steps.slots`; no arithmetic, so int64 keys stay exact too).
     """
-    batch_size, length = steps.action.shape
-    out_dtype = step_values.dtype
-    if steps.max_steps == 0 or length == 0:
-        return torch.full((batch_size, length), fill, dtype=out_dtype, device=step_values.device)
-    # Put each step's jump (v_k - v_{k-1}) at its first token and integrate: every token then holds
-    # the value of the latest step started at or before it. float64 keeps this exact for float32
-    # values (differences and partial sums of float32 numbers are exact in float64).
-    values = torch.where(steps.step_mask, step_values.to(torch.float64), 0.0)
-    jumps = torch.where(steps.step_mask, values - F.pad(values[:, :-1], (1, 0)), 0.0)
-    dense = torch.zeros(batch_size, length, dtype=torch.float64, device=step_values.device)
-    dense.scatter_add_(1, steps.starts, jumps)  # absent steps add 0 at token 0
-    per_token = dense.cumsum_(dim=1).to(out_dtype)
-    return per_token.masked_fill_(~steps.action, fill)
+    if step_values.shape != steps.starts.shape:
+        raise ValueError(
+            f"per-step values have shape {tuple(step_values.shape)}, expected [batch, steps] = "
+            f"{tuple(steps.starts.shape)}"
+        )
+    table = torch.cat([step_values.new_full((1,), fill), step_values.reshape(-1)])  # [1 + B * K]
+    return table.index_select(0, steps.slots.view(-1)).view(steps.slots.shape)
 
 
-def _span_sums(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps: Steps) -> torch.Tensor:
+# Rows per block of the float64 prefix sums in _span_sums: blocks of about 2**18 tokens (2 MiB of
+# float64) stay in cache and bound the memory, where a float64 copy of the whole batch would cost
+# 8 bytes per token (on CPU a fresh, page-faulted allocation that takes longer than the sums).
+_PREFIX_BLOCK_TOKENS = 2**18
+
+
+def _span_sums(
+    x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, steps: Steps, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, K]`` sums of ``x`` over token spans ``[lower, upper)`` via float64 prefix sums.
 
-    In ``torch.sum``'s dtype: ``x``'s own, int64 for bool and narrower integers (a sum of bools counts).
+    ``keep`` (``[B, L]`` bool) leaves out the tokens where it is False. In ``torch.sum``'s dtype:
+    ``x``'s own, int64 for bool and narrower integers (a sum of bools counts).
     """
     out_dtype = torch.promote_types(x.dtype, torch.int64)
-    if steps.max_steps == 0:
-        return torch.zeros(steps.starts.shape, dtype=out_dtype, device=x.device)
-    inclusive = torch.cumsum(x, dim=1, dtype=torch.float64)  # inclusive[t] = sum_{<=t}
-
-    def before(position: torch.Tensor) -> torch.Tensor:  # sum_{<position}
-        read = torch.gather(inclusive, 1, (position - 1).clamp(min=0))
-        return torch.where(position > 0, read, 0.0)
-
-    sums = before(upper) - before(lower)
+    batch_size, length = x.shape
+    # The prefix sum before position p is inclusive[p - 1] (0 for p = 0): read both ends in one gather.
+    ends = torch.cat([lower, upper], dim=1)  # [B, 2K]
+    before = torch.zeros(ends.shape, dtype=torch.float64, device=x.device)
+    read_at = (ends - 1).clamp(min=0)
+    rows_per_block = max(1, _PREFIX_BLOCK_TOKENS // max(1, length))
+    for first in range(0, batch_size if steps.max_steps else 0, rows_per_block):
+        rows = slice(first, first + rows_per_block)
+        block = x[rows] if keep is None else x[rows].masked_fill(~keep[rows], 0)
+        inclusive = torch.cumsum(block, dim=1, dtype=torch.float64)  # inclusive[t] = sum_{<=t}
+        torch.gather(inclusive, 1, read_at[rows], out=before[rows])
+    before = torch.where(ends > 0, before, 0.0)
+    sums = before[:, steps.max_steps :] - before[:, : steps.max_steps]
     return torch.where(steps.step_mask, sums, 0.0).to(out_dtype)
-
 
 def step_sums(x: torch.Tensor, steps: Steps) -> torch.Tensor:
     """``[B, K]`` sum of a per-token tensor ``x [B, L]`` over each step's own tokens."""
-    return _span_sums(torch.where(steps.action, x, torch.zeros_like(x)), steps.starts, steps.next_starts(), steps)
-
+    return _span_sums(x, steps.starts, steps.next_starts(), steps, keep=steps.action)
 
 def step_means(x: torch.Tensor, steps: Steps) -> torch.Tensor:
     """``[B, K]`` mean of a per-token tensor over each step's own tokens (0 where absent)."""

@@ -33,10 +33,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from steppo_verl.advantage import ESTIMATORS, algorithm_option
 from steppo_verl.endings import Ending
-from steppo_verl.loss import step_start_value_loss
+from steppo_verl.loss import clip_range, step_start_value_loss
 from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_records, rows_to_dump
-from steppo_verl.metrics import observed_returns, step_metrics
-from steppo_verl.protocol import gather_at_step_starts, locate_steps, step_ids_from_mask
+from steppo_verl.metrics import observed_returns, state_mean_returns, step_metrics
+from steppo_verl.protocol import Steps, gather_at_step_starts, locate_steps, step_ids_from_mask
 
 __all__ = [
     "STEP_FIELDS",
@@ -100,12 +100,37 @@ def value_loss_positions(config: DictConfig) -> str:
     return positions
 
 
+VALUE_SOURCES = ("critic", "state_returns")
+
+
+def value_source(algorithm: Any) -> str:
+    """``algorithm.steppo.values``: what StepPO reads as V(s_k); ``critic`` (the method) by default.
+
+    ``state_returns`` reads the batch's leave-one-out mean return of each step's state instead
+    (:func:`steppo_verl.metrics.state_mean_returns`; the critic's value where a state is visited once):
+    a measurement arm, the upper bound of what a calibrated critic gives, not a training method.
+    """
+    source = algorithm_option(algorithm, "steppo.values", "critic")
+    if source not in VALUE_SOURCES:
+        raise ValueError(f"algorithm.steppo.values must be one of {VALUE_SOURCES}, got {source!r}")
+    return source
+
+
+def with_state_returns(values: torch.Tensor, steps: Steps, outcomes: torch.Tensor, step_keys: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` a copy of ``values`` whose step starts hold the batch's mean return from the step's state
+    (:func:`value_source`), where another step of the batch left the same state."""
+    state_values, known = state_mean_returns(outcomes, step_keys, steps.step_mask)
+    rows = torch.arange(steps.starts.shape[0], device=values.device)[:, None].expand_as(steps.starts)
+    replaced = values.clone()
+    replaced[rows[known], steps.starts[known]] = state_values[known].to(values.dtype)
+    return replaced
+
+
 def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
     """A GSPO-scale clip (steppo_trainer.yaml's default, for the step loss's geometric-mean ratio) would
     freeze a token-level loss after its first update: refuse it with what to set."""
     loss_mode = actor.policy_loss.loss_mode
-    bounds = [actor.get(key) if actor.get(key) is not None else actor.clip_ratio
-              for key in ("clip_ratio_low", "clip_ratio_high")]
+    bounds = clip_range(actor)
     if not loss_mode.startswith("steppo") and loss_mode != "gspo" and min(bounds) < 0.01:
         raise ValueError(
             f"actor.policy_loss.loss_mode={loss_mode} clips token ratios, but the clip range {bounds} is "
@@ -123,6 +148,7 @@ def validate_steppo_config(config: DictConfig) -> None:
     """
     estimator = config.algorithm.adv_estimator
     value_loss_positions(config)
+    value_source(config.algorithm)
     _check_clip_range_fits_the_loss(config.actor_rollout_ref.actor)
     if estimator == "steppo":
         if not need_critic(config):
@@ -240,22 +266,26 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     steps = locate_steps(response_mask, step_ids)
     step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
     last_values = bootstrap_values(values, fields) if values is not None else None
+    gamma = algorithm_option(config, "gamma", 1.0)
+    outcomes = observed_returns(rewards, steps, gamma, last_values)
+    estimator_values = values
+    if adv_estimator == "steppo" and values is not None and value_source(config) == "state_returns":
+        if step_keys is None:
+            raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
+        estimator_values = with_state_returns(values, steps, outcomes, step_keys)
     advantages, returns = ESTIMATORS[adv_estimator](
         token_level_rewards=rewards,
         response_mask=response_mask,
         config=config,
         index=data.non_tensor_batch.get("uid"),
-        values=values,
+        values=estimator_values,
         step_ids=step_ids,
         bootstrap_values=last_values,
         step_keys=step_keys,
     )
     batch["advantages"], batch["returns"] = advantages, returns
     endings = [Ending.from_code(c).value for c in fields["ending"].tolist()] if "ending" in fields else None
-    outcomes = None
     if current is not None:
-        gamma = algorithm_option(config, "gamma", 1.0)
-        outcomes = observed_returns(rewards, steps, gamma, last_values)
         current.metrics.update(
             step_metrics(steps, advantages, returns, values, fields.get("truncated"), step_keys, endings, outcomes)
         )

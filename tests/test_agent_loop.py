@@ -207,7 +207,7 @@ def test_retriever_that_times_out_becomes_an_observation(tokenizer):
     server = ScriptedServer(tokenizer, [call("slow"), "<answer>x</answer>"])
     started = time.monotonic()
     output = run(tokenizer, server, [EchoSearch(delay_s=5.0)], tool_timeout_s=0.2)
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 4.5  # the tool sleeps 5 s; slack for a loaded machine
     assert_consistent(output)
     assert output.step_ids == expected_layout(server, output)
     assert "timed out after 0.2 s" in observations(tokenizer, output)
@@ -305,6 +305,33 @@ def test_forced_first_search_becomes_part_of_the_prompt(tokenizer):
     assert output.step_ids == expected_layout(server, output)
     assert max(output.step_ids) == 1, "the forced search is not a model step"
     assert sum(output.env_rewards) == pytest.approx(0.5), "only the model's own call is rewarded"
+
+
+class RecordingSearch(EchoSearch):
+    """A search tool that records each call in the trajectory's extra_fields, as the search tool's index map does."""
+
+    async def execute(self, instance_id, parameters, **kwargs):
+        kwargs["agent_data"].extra_fields.setdefault("searched", []).append(parameters.get("query_list") or parameters)
+        return await super().execute(instance_id, parameters, **kwargs)
+
+
+class GlobalStepsServer(ScriptedServer):
+    """Returns verl's rollout-server extra fields (the weights' global steps) with every turn."""
+
+    async def generate(self, request_id, **kwargs) -> TokenOutput:
+        output = await super().generate(request_id, **kwargs)
+        output.extra_fields = {"min_global_steps": 3, "max_global_steps": 4}
+        return output
+
+
+def test_forced_first_search_keeps_the_servers_extra_fields_and_its_own(tokenizer):
+    # verl's generating state copies the server's fields only into an empty extra_fields; a tool that writes
+    # there before the first generation would otherwise leave verl's metrics without its global steps.
+    server = GlobalStepsServer(tokenizer, [call("b"), "<answer>x</answer>"])
+    output = run(tokenizer, server, [RecordingSearch()], initial_search_tool="search",
+                 extra_info={"question": "capital of Verin?"})
+    assert output.extra_fields["min_global_steps"] == 3 and output.extra_fields["max_global_steps"] == 4
+    assert output.extra_fields["searched"] == [["capital of Verin?"], {"query": "b"}], "both searches, in order"
 
 
 def test_length_limit_that_a_task_bootstraps_has_no_bootstrap_position(tokenizer):

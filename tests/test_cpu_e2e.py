@@ -7,17 +7,20 @@ session afterwards (a timeout, a crash) is killed by process id.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import subprocess
+import re
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_inspect import run_chromium
 
 from steppo_verl.cpu import runs
 from steppo_verl.cpu.runs import RunResult
+from steppo_verl.progress import step_table
 
 pytestmark = pytest.mark.ray
 
@@ -154,14 +157,24 @@ def test_gae_with_critic_two_steps_on_cpu(workdir):
 RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "steppo"
 
 
+def summary_path(console: str, label: str) -> Path:
+    """A path the run's summary lists (``label:   PATH``)."""
+    match = re.search(rf"^{label}:\s+(\S+)$", console, re.M)
+    assert match, f"the summary has no {label!r} line:\n{console[-3000:]}"
+    return Path(match.group(1))
+
+
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
-    """The README's CPU command: StepPO with the critic, our agent loop, search tool, loss and estimator."""
+    """The README's CPU command: StepPO with the critic, our agent loop, search tool, loss and estimator;
+    what a person sees of it: a line per step, the summary, the trajectory report it built."""
     work = tmp_path / "smoke"
     # A large actor lr makes a missed weight sync visible as a rollout/actor log-prob gap at step 2.
-    cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3",
-           "trainer.steppo_dump.every_n_steps=1"]
-    result = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2")
+    cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3"]
+    shown = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2", CONSOLE="compact")
+    console = shown.log
+    log = summary_path(console, "full log")
+    result = dataclasses.replace(shown, log=log.read_text(errors="replace"))  # verl's whole output
     assert_two_finite_steps(
         result, "critic/vf_loss", "steppo/num_steps/mean", "steppo/step_advantage/mean",
         "steppo/step_value/mean", "steppo/truncated_frac", "actor/step_clipfrac", "actor/step_ratio_mean",
@@ -170,12 +183,22 @@ def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
     assert steps[1]["actor/grad_norm"] > 0, "the actor must have been updated"
     assert steps[2]["training/rollout_probs_diff_max"] < 5e-3, "the rollout server must serve the updated weights"
 
-    report = tmp_path / "report.html"
-    subprocess.run([sys.executable, "-m", "steppo_verl.inspect", str(work / "checkpoints"), "--out", str(report)],
-                   check=True, timeout=300)
+    # The console: a progress line per step and the summary, none of verl's per-process noise.
+    assert [line.split(" [")[0] for line in console.splitlines() if line.startswith("step ")] == ["step 1/2",
+                                                                                                 "step 2/2"]
+    assert "StepPO run finished (exit 0): 2 of 2 training steps" in console
+    assert step_table(steps) in console
+    training = console.split("verl's whole output goes to", 1)[1]  # after the preparation steps' own output
+    assert len(training.splitlines()) < 30, training
+    for noise in ("engine is not available", "target_num_threads"):  # reaching Ray workers through the env
+        assert noise not in result.log and noise not in console, f"{noise!r} is still in the output"
     assert sorted(p.name for p in (work / "checkpoints" / "steppo_steps").glob("*.parquet")) == [
         "step_000001.parquet", "step_000002.parquet"]
-    assert "trajectory" in report.read_text().lower()
+    report = summary_path(console, "HTML report")
+    assert report == work / "report.html" and report.is_file()
+    assert f"python3 -m webbrowser -t {report.as_uri()}" in console
+    dom = run_chromium(report.as_uri(), "--dump-dom")
+    assert len(re.findall(r'<tr class="traj-row', dom)) == 8, "4 trajectories in each of the 2 dumped steps"
 
 
 # verl edits a batch after the rollout: it pads one that does not divide by the mini-batch with copies of a

@@ -11,6 +11,7 @@ from verl.trainer.ppo.ray_trainer import compute_advantage
 
 from steppo_verl.advantage import (
     compute_gigpo_advantage,
+    compute_hgpo_advantage,
     compute_step_grpo_advantage,
     compute_step_rloo_advantage,
 )
@@ -139,7 +140,7 @@ def test_gigpo_rejects_step_keys_of_the_wrong_shape():
         )
 
 
-@pytest.mark.parametrize("estimator", ["gae", "grpo", "steppo", "gigpo", "step_grpo", "step_rloo"])
+@pytest.mark.parametrize("estimator", ["gae", "grpo", "steppo", "gigpo", "hgpo", "step_grpo", "step_rloo"])
 def test_estimators_run_through_verls_compute_advantage_on_multi_turn_rows(estimator):
     """verl's own dispatcher on rows with observation tokens between actions."""
     layout = random_layout(7, batch_size=8, allow_adjacent_steps=False)
@@ -168,6 +169,7 @@ def test_estimators_run_through_verls_compute_advantage_on_multi_turn_rows(estim
 
 GROUP_ESTIMATORS = {
     "gigpo": compute_gigpo_advantage,
+    "hgpo": compute_hgpo_advantage,
     "step_grpo": compute_step_grpo_advantage,
     "step_rloo": compute_step_rloo_advantage,
 }
@@ -199,8 +201,10 @@ def test_some_prompts_with_one_rollout_keep_their_raw_return(name):
     adv, _ = GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, uids, layout.step_ids)
     lone = layout.response_mask[4] == 1
     assert lone.any()
-    # gamma = 1 and an outcome reward: every step of the lone sample gets its raw episode return.
-    torch.testing.assert_close(adv[4, lone], torch.full((int(lone.sum()),), 0.7))
+    # gamma = 1 and an outcome reward: every step of the lone sample gets its raw episode return; HGPO,
+    # without its (off by default) episode term, has no group of more than one step there: 0.
+    expected = 0.0 if name == "hgpo" else 0.7
+    torch.testing.assert_close(adv[4, lone], torch.full((int(lone.sum()),), expected))
 
 
 @pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
@@ -222,3 +226,27 @@ def test_huge_finite_rewards_that_overflow_float32_raise_in_group_estimators(nam
     layout.rewards[layout.response_mask == 1] = 3e38  # finite, but sums over steps overflow
     with pytest.raises(ValueError, match=r"advantages overflowed to (nan|inf) at sample \d+, step \d+"):
         GROUP_ESTIMATORS[name](layout.rewards, layout.response_mask, _uids(4, 2), layout.step_ids)
+
+
+# ------------------------------------------------------------------------------- groups that all did the same
+
+
+def _identical_rollouts(dtype=torch.float32):
+    """8 rollouts of one prompt, 4 one-token steps each, reward 1 on the last step."""
+    response_mask = torch.tensor([[1, 0, 1, 0, 1, 0, 1]] * 8)
+    step_ids = torch.tensor([[0, -1, 1, -1, 2, -1, 3]] * 8)
+    rewards = torch.zeros(8, 7, dtype=dtype)
+    rewards[:, 6] = 1.0
+    return rewards, response_mask, np.array(["p"] * 8, dtype=object), step_ids
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_ESTIMATORS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rollouts_that_all_got_the_same_return_get_no_huge_advantage(name, dtype):
+    rewards, mask, uids, step_ids = _identical_rollouts(dtype)
+    adv, _ = GROUP_ESTIMATORS[name](rewards, mask, uids, step_ids, gamma=0.95)
+    # Nothing tells these rollouts apart: no advantage beyond the discount gap G_k - G_0 (< 0.15 here);
+    # dividing that gap, or a float32 rounding of the mean, by a zero std plus eps gave 1e5 and 0.1.
+    assert adv.abs().max() < 0.15
+    if name in ("gigpo", "hgpo"):  # every state's group holds equal returns: no advantage at all
+        assert adv.abs().max() < (1e-8 if dtype == torch.float64 else 1e-30)

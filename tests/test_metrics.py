@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from steppo_verl.metrics import critic_state_metrics, explained_variance, observed_returns, step_metrics
+from steppo_verl.metrics import (
+    critic_state_metrics,
+    explained_variance,
+    observed_returns,
+    state_mean_returns,
+    step_metrics,
+)
 from steppo_verl.protocol import locate_steps
 
 
@@ -24,6 +30,17 @@ def test_critic_state_error_matches_a_hand_computation():
     assert metrics["steppo/critic/repeated_states"] == 2
     # slope of mean V on mean outcome over (1/3, 0.5) and (2/3, 0.7): 0.2 / (1/3)
     assert metrics["steppo/critic/state_slope"] == pytest.approx(0.6)
+
+
+def test_state_mean_returns_leave_each_steps_own_return_out():
+    keys = torch.tensor([[10, 20, 20], [10, 30, 0], [10, 20, 0]])
+    step_mask = torch.tensor([[True, True, True], [True, True, False], [True, True, False]])
+    outcomes = torch.tensor([[1.0, 1.0, 0.5], [0.0, 0.0, 9.0], [0.0, 0.25, 9.0]])
+    values, known = state_mean_returns(outcomes, keys, step_mask)
+    # State 10: returns 1, 0, 0; state 20 (three visits): 1, 0.5, 0.25; state 30: one visit, unknown.
+    expected = torch.tensor([[0.0, 0.375, 0.625], [0.5, 0.0, 0.0], [0.5, 0.75, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(values, expected)
+    assert known.tolist() == [[True, True, True], [True, False, False], [True, True, False]]
 
 
 def test_critic_state_metrics_without_repeated_states_are_empty():

@@ -29,7 +29,7 @@ assert 'steppo_verl' not in sys.modules
 import verl
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
-print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
+print(sorted(n for n in ('steppo', 'gigpo', 'hgpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
       'steppo' in POLICY_LOSS_REGISTRY, 'steppo_agent' in _agent_loop_registry)
 """
 
@@ -37,7 +37,7 @@ print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in AD
 def test_import_verl_alone_registers_our_estimators():
     result = _python(CHECK_REGISTRY)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True True"
+    assert result.stdout.strip().splitlines()[-1] == "['gigpo', 'hgpo', 'step_grpo', 'step_rloo', 'steppo'] True True"
 
 
 def test_plugins_can_be_switched_off_with_verls_own_variable():
@@ -136,7 +136,7 @@ from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.plugin.platform import PlatformRegistry
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
-print(sorted(n for n in ('steppo', 'gigpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
+print(sorted(n for n in ('steppo', 'gigpo', 'hgpo', 'step_grpo', 'step_rloo') if n in ADV_ESTIMATOR_REGISTRY),
       'steppo' in POLICY_LOSS_REGISTRY, 'steppo_agent' in _agent_loop_registry, 'steppo' in TRAINER_REGISTRY,
       PlatformRegistry.get('cpu') is not None)
 """
@@ -150,8 +150,8 @@ def _blocking(module: str) -> str:
 @pytest.mark.parametrize(
     "blocked, component, registered",
     [
-        ("steppo_verl.agent_loop", "agent loop", "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True False True True"),
-        ("steppo_verl.cpu", "cpu platform", "['gigpo', 'step_grpo', 'step_rloo', 'steppo'] True True True False"),
+        ("steppo_verl.agent_loop", "agent loop", "['gigpo', 'hgpo', 'step_grpo', 'step_rloo', 'steppo'] True False True True"),
+        ("steppo_verl.cpu", "cpu platform", "['gigpo', 'hgpo', 'step_grpo', 'step_rloo', 'steppo'] True True True False"),
     ],
 )
 def test_failing_component_import_keeps_the_other_components_registered(blocked, component, registered):

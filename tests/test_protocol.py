@@ -1,5 +1,7 @@
 """Step-segment protocol: property tests (hypothesis) and named error cases."""
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -190,3 +192,34 @@ def test_bool_or_integer_rewards_sum_per_step_instead_of_saturating():
     assert step_means(flags, steps).tolist() == [[1.0, 0.0]]
     empty = locate_steps(torch.zeros(1, 3, dtype=torch.bool))
     assert step_sums(torch.ones(1, 3, dtype=torch.bool), empty).dtype == torch.int64
+
+
+def test_int64_step_values_beyond_float64_precision_reach_tokens_exactly():
+    # Step keys are 64-bit hashes: broadcasting them through float64 would round off the low bits.
+    step_ids = torch.tensor([[0, 0, -1, 1], [-1, 0, -1, -1]])
+    steps = locate_steps(step_ids >= 0, step_ids)
+    keys = torch.tensor([[2**62 + 1, -(2**61) - 3], [2**53 + 1, 0]])
+    assert scatter_to_tokens(keys, steps, fill=-1).tolist() == [
+        [2**62 + 1, 2**62 + 1, -1, -(2**61) - 3],
+        [-1, 2**53 + 1, -1, -1],
+    ]
+
+
+@pytest.mark.parametrize(
+    "ids,token,message",
+    [
+        ([0, -5, -5, -1], 1, "step ids must be >= -1 (R1)"),  # a negative id other than -1 on action tokens
+        ([0, 2**40, 2**40, -1], 1, f"step {2**40} follows step 0"),  # an id far beyond the run count
+        ([0, 2**32, -1, -1], 1, f"step {2**32} follows step 0"),  # would read as 0 if narrowed to int32
+    ],
+)
+def test_action_token_ids_outside_the_run_numbers_are_rejected(ids, token, message):
+    mask = torch.tensor([[1, 1, 1, 0]]) if ids[2] != -1 else torch.tensor([[1, 1, 0, 0]])
+    with pytest.raises(StepLayoutError, match=rf"sample 0 at response token {token}: " + re.escape(message)):
+        locate_steps(mask, torch.tensor([ids]))
+
+
+def test_per_step_values_of_the_wrong_shape_are_rejected():
+    steps = locate_steps(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"per-step values have shape \(1, 3\), expected .* \(1, 2\)"):
+        scatter_to_tokens(torch.zeros(1, 3), steps)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -76,7 +77,7 @@ def lookup(config: dict, dotted: str):
 
 
 def test_every_script_is_valid_bash():
-    assert len(SCRIPTS) == 7
+    assert len(SCRIPTS) == 8
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -154,8 +155,26 @@ def test_cpu_smoke_dry_run_composes_the_cpu_platform_config(tmp_path):
         "algorithm.adv_estimator": "steppo",
         "actor_rollout_ref.model.path": str(tmp_path / "model"),
         "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
+        "trainer.steppo_dump.every_n_steps": 1,  # records of every step for the report the run ends with
     }.items():
         assert lookup(config, key) == value, key
+
+
+@pytest.mark.timeout(300)
+def test_quiet_logs_keeps_verls_engine_warnings_out_and_the_users_own_filters():
+    """Each verl process warned about every optional engine not installed (torchtitan, veomni, ...), and
+    TransferQueue about its thread count on every put and get on machines with fewer than 8 cores."""
+    script = ('source "$1"; quiet_logs; echo "$PYTHONWARNINGS $TQ_NUM_THREADS"; '
+              '"$PYTHON" -c "import verl.workers.engine"')
+    result = subprocess.run(
+        ["bash", "-c", script, "bash", str(RECIPE / "common.sh")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": sys.executable, "PYTHONWARNINGS": "default::DeprecationWarning"},
+    )
+    assert result.returncode == 0, result.stderr
+    warnings, threads = result.stdout.split()[:2]
+    assert warnings == "ignore::UserWarning:verl.workers.engine,default::DeprecationWarning"
+    assert int(threads) == min(8, psutil.cpu_count(logical=False) or 8)
+    assert "engine is not available" not in result.stderr
 
 
 VAULT_ESTIMATORS = {
@@ -167,6 +186,8 @@ VAULT_ESTIMATORS = {
             "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
     "gigpo": {"algorithm.adv_estimator": "gigpo", "critic.enable": False,
               "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
+    "hgpo": {"algorithm.adv_estimator": "hgpo", "critic.enable": False,
+             "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
 }
 
 
@@ -197,7 +218,117 @@ def test_vault_dry_run_gives_every_estimator_the_same_budget(estimator, tmp_path
     assert lookup(config, "actor_rollout_ref.rollout.multi_turn.tool_config_path").endswith("vault_tool.yaml")
 
 
+# Stands in for the trainer (any other interpreter call goes to the real one): prints verl's metric lines
+# and writes the configuration hydra would compose into hydra.run.dir.
+FAKE_TRAINER = """#!/usr/bin/env bash
+[ "$1 $2" = "-m steppo_verl.main" ] || exec "$REAL_PYTHON" "$@"
+for arg; do case "$arg" in hydra.run.dir=*) dir=${arg#*=} ;; trainer.default_local_dir=*) checkpoints=${arg#*=} ;; esac
+done
+mkdir -p "$dir/.hydra"
+echo "trainer: {total_training_steps: 2, save_freq: -1, default_local_dir: $checkpoints}" > "$dir/.hydra/config.yaml"
+echo "(TaskRunnerV1 pid=1) step:1 - critic/score/mean:0.125 - timing_s/step:20.5"
+echo "(TaskRunnerV1 pid=1) step:2 - critic/score/mean:0.25 - timing_s/step:19.5"
+"""
+
+
+@pytest.mark.timeout(600)
+def test_vault_run_ends_with_its_summary_and_learning_curve(tmp_path):
+    (tmp_path / "task-world0").mkdir()
+    (tmp_path / "task-world0" / "train.parquet").touch()  # prepared task and model: no preparation step
+    (tmp_path / "model-world0").mkdir()
+    (tmp_path / "model-world0" / "config.json").touch()
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_TRAINER)
+    fake.chmod(0o755)
+    result = run_script(RECIPE / "run_cpu_vault.sh", {"WORK_DIR": str(tmp_path), "PYTHON": str(fake),
+                                                      "REAL_PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "steppo-0"
+    assert "step:2 - critic/score/mean:0.25" in result.stdout, "not a terminal: verl's whole output, for parsers"
+    assert "StepPO run finished (exit 0): 2 of 2 training steps" in result.stdout
+    assert "| 2 | 0.250 | - | - | 19.5 |" in result.stdout
+    assert f"full log:        {run_dir / 'run.log'}" in result.stdout
+    assert "step:1 - critic/score/mean:0.125" in (run_dir / "run.log").read_text()
+    assert "HTML report:     not made (no per-step dumps)" in result.stdout
+    curve = run_dir / "learning_curve.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "learning curve:  not drawn (matplotlib is not installed" in result.stdout
+    else:
+        assert f"learning curve:  {curve}" in result.stdout and curve.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_vault_rejects_an_unknown_estimator(tmp_path):
     result = run_script(RECIPE / "run_cpu_vault.sh", {"WORK_DIR": str(tmp_path), "ESTIMATOR": "ppo"})
     assert result.returncode != 0
-    assert "ESTIMATOR must be one of steppo, grpo, gae, gigpo" in result.stderr
+    assert "ESTIMATOR must be one of steppo, grpo, gae, gigpo, hgpo" in result.stderr
+
+
+PAPER_EVAL = RECIPE / "eval_qwen2.5-7b_paper.sh"
+EVAL_FIXTURES = {"hotpotqa": "hotpotqa_dev.json", "2wikimultihopqa": "2wikimultihopqa_dev.json",
+                 "musique": "musique_dev.jsonl"}
+
+
+@pytest.fixture
+def eval_dir(tmp_path) -> Path:
+    """The three paper datasets' fixtures, prepared and indexed as the evaluation recipe leaves them."""
+    from steppo_verl.data.prepare import SplitInput, prepare
+    from steppo_verl.retrieval import BM25Index, load_corpus
+
+    fixtures = Path(__file__).resolve().parent / "fixtures" / "qa"
+    for name, source in EVAL_FIXTURES.items():
+        report = prepare(name, [SplitInput("validation", str(fixtures / source))], tmp_path / "eval" / name)
+        BM25Index.build(load_corpus(report.corpus_path), progress=False).save(tmp_path / "eval" / name / "bm25_index")
+    return tmp_path / "eval"
+
+
+@pytest.mark.timeout(300)
+def test_paper_eval_dry_run_searches_each_dataset_in_its_own_index(eval_dir, tmp_path):
+    env = {"DRY_RUN": "1", "MODEL_PATH": str(tmp_path / "policy"), "EVAL_DIR": str(eval_dir),
+           "MUSIQUE_RETRIEVER_URL": "http://127.0.0.1:8123"}
+    result = run_script(PAPER_EVAL, env, "trainer.save_freq=7")
+    assert result.returncode == 0, result.stderr
+    assert "would run" not in result.stdout, "prepared data and indexes are used as they are"
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert command[:3] == [sys.executable, "-m", "steppo_verl.evaluate"]
+    specs = [command[i + 1] for i, arg in enumerate(command) if arg == "--dataset"]
+    assert specs == [f"hotpotqa={eval_dir}/hotpotqa/validation.parquet:{eval_dir}/hotpotqa/bm25_index",
+                     f"2wikimultihopqa={eval_dir}/2wikimultihopqa/validation.parquet:"
+                     f"{eval_dir}/2wikimultihopqa/bm25_index",
+                     f"musique={eval_dir}/musique/validation.parquet:http://127.0.0.1:8123"]
+
+    printed = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    main = shlex.split(printed.stdout.strip().splitlines()[-1])
+    composed = subprocess.run(main + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    config = yaml.safe_load(composed.stdout)
+    out = eval_dir / "results" / "policy"
+    for key, value in {
+        "trainer.val_only": True,
+        "actor_rollout_ref.rollout.name": "vllm",
+        "actor_rollout_ref.model.path": str(tmp_path / "policy"),
+        "data.val_files": str(out / "eval.parquet"),
+        "reward.custom_reward_function.name": "score_sample",
+        "trainer.n_gpus_per_node": 8,
+        "trainer.save_freq": 7,  # user overrides come last
+    }.items():
+        assert lookup(config, key) == value, key
+    tool_config_path = Path(lookup(config, "actor_rollout_ref.rollout.multi_turn.tool_config_path"))
+    tool_config = yaml.safe_load(tool_config_path.read_text())
+    assert tool_config["tools"][0]["config"]["indexes"] == {
+        "hotpotqa": str(eval_dir / "hotpotqa" / "bm25_index"),
+        "2wikimultihopqa": str(eval_dir / "2wikimultihopqa" / "bm25_index"),
+        "musique": "http://127.0.0.1:8123",
+    }
+
+
+def test_paper_eval_without_a_model_fails_early(tmp_path):
+    result = run_script(PAPER_EVAL, {"MODEL_PATH": "", "EVAL_DIR": str(tmp_path)})
+    assert result.returncode != 0 and "set MODEL_PATH" in result.stderr
+
+
+def test_paper_eval_without_data_says_which_dev_file_to_set(tmp_path):
+    result = run_script(PAPER_EVAL, {"MODEL_PATH": "policy", "EVAL_DIR": str(tmp_path / "none")})
+    assert result.returncode != 0 and "set the official dev file of hotpotqa" in result.stderr

@@ -4,7 +4,10 @@ Servers only ever listen on 127.0.0.1; every process or thread a test starts is 
 """
 
 import asyncio
+import functools
 import json
+import math
+import random
 import socket
 import threading
 import time
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import bm25s
 import httpx
+import numpy as np
 import pytest
+import Stemmer
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -194,6 +199,106 @@ def test_topk_must_be_positive_and_corpus_nonempty(index):
         index.search(["lighthouse"], 0)
     with pytest.raises(ValueError, match="empty corpus"):
         BM25Index.build([], progress=False)
+
+
+# A corpus where frequent words match most passages and many passages tie: the cases ranking shortcuts get wrong.
+_COMMON = ["river", "town", "bridge", "built", "who", "over", "city", "old", "north", "mill"]
+_RARE = [f"name{i}" for i in range(40)]
+
+
+def _crowded_corpus(seed: int = 3) -> list[Passage]:
+    rng = random.Random(seed)
+    passages = []
+    for position in range(300):
+        words = rng.choices(_COMMON, k=rng.randint(2, 12)) + rng.choices(_RARE, k=rng.randint(0, 3))
+        words += rng.choices(["the", "of", "and", "in", "was"], k=rng.randint(0, 6))  # stopwords, never indexed
+        passages.append(Passage(str(position), "Title\n" + " ".join(rng.sample(words, len(words)))))
+    passages += [Passage(str(300 + i), "Title\nriver town") for i in range(8)]  # identical: equal scores
+    return passages
+
+
+def _crowded_queries(seed: int = 4) -> list[str]:
+    rng = random.Random(seed)
+    queries = [" ".join(rng.choices(_COMMON + _RARE, k=rng.randint(1, 7))) for _ in range(60)]
+    return queries + ["who built the bridge over the river", "river river", "river town", "the of mill"]
+
+
+def _naive_lucene_bm25(passages: list[Passage], query: str, k1: float = 1.5, b: float = 0.75) -> dict[int, float]:
+    """Score of every passage sharing a term with ``query``, from the formula (bm25s's lucene defaults), in float64."""
+    stemmer = Stemmer.Stemmer("english")
+    documents = bm25s.tokenize([p.contents for p in passages], stopwords="en", stemmer=stemmer, return_ids=False,
+                               show_progress=False)  # fmt: skip
+    (query_terms,) = bm25s.tokenize([query], stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    average_length = sum(map(len, documents)) / len(documents)
+    scores: dict[int, float] = defaultdict(float)
+    for term in query_terms:
+        holders = [position for position, terms in enumerate(documents) if term in terms]
+        idf = math.log(1 + (len(documents) - len(holders) + 0.5) / (len(holders) + 0.5))
+        for position in holders:
+            tf, length = documents[position].count(term), len(documents[position])
+            # Lucene's form, as bm25s computes it: no (k1 + 1) factor in the numerator.
+            scores[position] += idf * tf / (tf + k1 * (1 - b + b * length / average_length))
+    return scores
+
+
+@pytest.fixture(scope="module")
+def crowded_index() -> BM25Index:
+    return BM25Index.build(_crowded_corpus(), progress=False)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("topk", [1, 5, 17])
+def test_queries_of_frequent_words_rank_like_the_bm25_formula(crowded_index, topk):
+    passages = _crowded_corpus()
+    for query, hits in zip(_crowded_queries(), crowded_index.search(_crowded_queries(), topk), strict=True):
+        reference = _naive_lucene_bm25(passages, query)
+        assert len(hits) == min(topk, len(reference)), query
+        for hit in hits:
+            assert hit.score == pytest.approx(reference[int(hit.id)], rel=1e-5), query
+        # Nothing left out scores more than the last hit, and equal scores rank by corpus position.
+        returned = {int(hit.id) for hit in hits}
+        assert all(score <= hits[-1].score * (1 + 1e-5) for p, score in reference.items() if p not in returned), query
+        assert [(-h.score, int(h.id)) for h in hits] == sorted((-h.score, int(h.id)) for h in hits), query
+
+
+@pytest.mark.timeout(120)
+def test_queries_of_frequent_words_score_bit_identically_to_bm25s_retrieve(crowded_index):
+    passages, queries = _crowded_corpus(), _crowded_queries()
+    retriever = bm25s.BM25()
+    stemmer = Stemmer.Stemmer("english")
+    tokenize = functools.partial(bm25s.tokenize, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    retriever.index(tokenize([p.contents for p in passages]), show_progress=False)
+    documents, scores = retriever.retrieve(tokenize(queries), k=5, show_progress=False)
+    for query, ours, their_documents, their_scores in zip(
+        queries, crowded_index.search(queries, 5), documents.tolist(), scores.tolist(), strict=True
+    ):
+        theirs = [(str(d), s) for d, s in zip(their_documents, their_scores, strict=True) if s > 0]
+        assert [hit.score for hit in ours] == [score for _, score in theirs], query  # exact float32 equality
+        last = theirs[-1][1]
+        assert {h.id for h in ours if h.score != last} == {d for d, s in theirs if s != last}, query
+
+
+@pytest.mark.timeout(60)
+def test_identical_passages_tie_and_rank_by_corpus_position(crowded_index):
+    hits = _search_one(crowded_index, "river town", topk=30)
+    tied = [hit for hit in hits if hit.contents == "Title\nriver town"]
+    assert [hit.id for hit in tied] == [str(300 + i) for i in range(8)]
+    assert len({hit.score for hit in tied}) == 1
+
+
+@pytest.mark.timeout(60)
+def test_repeated_query_term_counts_once_per_occurrence(crowded_index):
+    once, twice = _search_one(crowded_index, "mill"), _search_one(crowded_index, "mill mill")
+    assert [h.id for h in twice] == [h.id for h in once]
+    assert [h.score for h in twice] == [np.float32(h.score) * 2 for h in once]
+
+
+@pytest.mark.timeout(60)
+def test_index_of_another_bm25_variant_is_refused():
+    retriever = bm25s.BM25(method="bm25+")
+    retriever.index([["lake"], ["river"]], show_progress=False)
+    with pytest.raises(ValueError, match="'lucene' scoring only, got method 'bm25\\+'"):
+        BM25Index(retriever, [Passage("0", "A\nlake"), Passage("1", "B\nriver")], TokenizerSettings())
 
 
 @pytest.mark.timeout(60)

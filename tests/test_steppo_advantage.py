@@ -1,5 +1,6 @@
 """compute_steppo_advantage against a plain-loop reference, plus its error handling."""
 
+import ctypes
 import math
 from pathlib import Path
 
@@ -283,3 +284,37 @@ def test_huge_finite_values_that_overflow_returns_raise():
     layout.bootstrap.zero_()
     with pytest.raises(ValueError, match="overflowed to"):
         _run(layout, 1.0, 1.0, whiten=False)
+
+
+def test_nan_reward_in_a_sample_without_steps_is_rejected():
+    # Its rewards reach no step sum, so the check of the step sums alone would miss it.
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, float("nan"), 0.0]])
+    with pytest.raises(ValueError, match=r"token_level_rewards contains NaN/inf at sample 1, position 1"):
+        compute_steppo_advantage(rewards, torch.zeros(2, 3), mask, whiten=False)
+
+
+def test_plus_and_minus_inf_rewards_in_one_step_are_rejected():
+    # inf + (-inf) sums to NaN, not to a finite number: still caught, and named at its first token.
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    rewards = torch.tensor([[0.0, float("inf"), -float("inf"), 0.0], [1.0, 0.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"token_level_rewards contains NaN/inf at sample 0, position 1 \(value inf\)"):
+        compute_steppo_advantage(rewards, torch.zeros(2, 4), mask, whiten=False)
+
+
+def test_large_batch_needs_under_17_bytes_per_token_beyond_its_outputs_and_masks():
+    # 1,024 rows x 4,096 tokens, 8 steps each. The two float32 outputs take 8 bytes per token and
+    # the int32 step slots and bool masks about 6; a float64 [B, L] temporary (the old step sums and
+    # broadcasts) would add 8 more (the old code peaked at 19-20 bytes per token).
+    batch_size, length, num_steps = 1024, 4096, 8
+    position = torch.arange(length)
+    step = position // (length // num_steps)
+    step_ids = torch.where((position % (length // num_steps)) < 100, step, -1).expand(batch_size, -1).contiguous()
+    mask = (step_ids >= 0).long()
+    rewards, values = torch.zeros(batch_size, length), torch.randn(batch_size, length)
+    rewards[:, -1] = 1.0
+    compute_steppo_advantage(rewards, values, mask, step_ids)  # the first large call sets the heap up
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages would hide new allocations
+    growth = _peak_memory_growth_mib(lambda: compute_steppo_advantage(rewards, values, mask, step_ids))
+    bytes_per_token = growth * 2**20 / (batch_size * length)
+    assert bytes_per_token < 17, f"steppo advantages peaked at {bytes_per_token:.1f} bytes per token"

@@ -25,7 +25,14 @@ from steppo_verl.advantage import compute_gigpo_advantage, compute_steppo_advant
 from steppo_verl.cpu.tiny_model import build_tiny_tokenizer
 from steppo_verl.endings import Ending
 from steppo_verl.protocol import locate_steps
-from steppo_verl.trainer import StepPOTrainer, bootstrap_values, padded_step_fields, validate_steppo_config
+from steppo_verl.metrics import observed_returns
+from steppo_verl.trainer import (
+    StepPOTrainer,
+    bootstrap_values,
+    padded_step_fields,
+    validate_steppo_config,
+    with_state_returns,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -178,6 +185,60 @@ def test_per_step_records_are_dumped_with_the_estimators_values(transfer_queue, 
             remaining = int(record["num_steps"]) - int(record["step"])
             expected += 0.9**remaining * float(samples[row]["values"][int(samples[row]["bootstrap_index"])])
         assert record["outcome"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_steppo_on_state_returns_reads_the_batchs_mean_return_of_each_state(transfer_queue, trajectories):
+    batch, samples = put_batch(transfer_queue, trajectories, partition="state_returns")
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="state_returns")
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=state_returns")
+    metrics: dict = {}
+    trainer_with(config)._compute_advantage(batch, metrics)
+    stored = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="state_returns", select_fields=["advantages"])
+
+    # By hand: every step start whose state another step of the batch also left holds the mean of the
+    # others' observed returns from that state; the critic's value stays where the state is unique.
+    mask, step_ids = padded(samples, "response_mask", 0), padded(samples, "step_ids", -1)
+    rewards = padded(samples, "rm_scores", 0.0) + padded(samples, "env_rewards", 0.0)
+    values = padded(samples, "values", 0.0)
+    steps = locate_steps(mask, step_ids)
+    keys = padded(samples, "step_keys", 0).gather(1, steps.starts)
+    bootstrap = torch.tensor([float(s["values"][s["bootstrap_index"]]) if s["truncated"] else 0.0 for s in samples])
+    outcomes = observed_returns(rewards, steps, 0.9, bootstrap)
+    expected_values = values.clone()
+    replaced = 0
+    for b in range(len(samples)):
+        for k in range(int(steps.num_steps[b])):
+            others = [float(outcomes[c, j]) for c in range(len(samples)) for j in range(int(steps.num_steps[c]))
+                      if (c, j) != (b, k) and keys[c, j] == keys[b, k]]
+            if others:
+                expected_values[b, steps.starts[b, k]] = sum(others) / len(others)
+                replaced += 1
+    assert replaced >= 4, "all four trajectories start from the same prompt"
+    expected, _ = compute_steppo_advantage(rewards, expected_values, mask, step_ids, gamma=0.9, lam=0.95,
+                                           bootstrap_values=bootstrap)
+    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), expected)
+    # The critic diagnostics still describe the critic, not the values the estimator read.
+    assert "steppo/critic/state_abs_error" in metrics
+
+
+def test_with_state_returns_writes_only_step_starts_of_repeated_states():
+    # Two trajectories; step starts at tokens 0 and 3 (row 0) and 0 (row 1); both step 0s leave state 7.
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 0, 0]])
+    steps = locate_steps(mask, torch.tensor([[0, 0, -1, 1, 1], [0, 0, 0, -1, -1]]))
+    values = torch.arange(10, dtype=torch.float32).reshape(2, 5)
+    outcomes = torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    keys = torch.tensor([[7, 8], [7, 0]])
+    replaced = with_state_returns(values, steps, outcomes, keys)
+    expected = values.clone()
+    expected[0, 0], expected[1, 0] = 0.0, 1.0  # each reads the other's return from state 7
+    torch.testing.assert_close(replaced, expected)
+    assert values[0, 0] == 0.0 and values[1, 0] == 5.0  # the critic's tensor is left as it was
+
+
+def test_unknown_value_source_fails_at_start_up():
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle")
+    with pytest.raises(ValueError, match=r"steppo.values must be one of \('critic', 'state_returns'\)"):
+        validate_steppo_config(config)
 
 
 def test_gigpo_uses_the_agent_loops_state_keys(transfer_queue, trajectories):

@@ -14,6 +14,8 @@
 #   N_GPUS, NNODES       GPUs per node, nodes [8, 1]
 #   PROJECT_NAME, EXPERIMENT_NAME, LOGGER   tracking [steppo, <script name>, [console]]
 #   PYTHON               interpreter [python3]
+#   CONSOLE              CPU recipes: compact (a line per training step), full (verl's whole output) or
+#                        auto (compact on a terminal) [auto]; the whole output always goes to LOG_FILE
 #   DRY_RUN=1            print the final command (and the preparation it would do) without running
 # Extra arguments are passed to hydra as overrides, after the script's own.
 set -euo pipefail
@@ -31,6 +33,7 @@ set -euo pipefail
 : "${EXPERIMENT_NAME:=$(basename "$0" .sh)}"
 : "${LOGGER:=[console]}"
 : "${PYTHON:=python3}"
+: "${CONSOLE:=auto}"
 : "${DRY_RUN:=0}"
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -48,6 +51,20 @@ step() {
 check_python() {
   "$PYTHON" -c "import steppo_verl" 2>/dev/null \
     || die "$PYTHON cannot import steppo_verl: install it into your verl environment (pip install -e .)"
+}
+
+# Keep verl's per-process noise out of the output (~2,800 of the 4,000 lines of a 10-step CPU vault run).
+# Exported: Ray workers inherit this environment.
+quiet_logs() {
+  # verl's engine registry warns in every process about each optional engine that is not installed
+  # (torchtitan, veomni, ...). The user's own PYTHONWARNINGS entries come later and take precedence.
+  export PYTHONWARNINGS="ignore::UserWarning:verl.workers.engine${PYTHONWARNINGS:+,$PYTHONWARNINGS}"
+  # TransferQueue asks torch for TQ_NUM_THREADS (default 8) threads at every put and get, and on a machine
+  # with fewer physical cores warns each time before using the core count: ask for that count.
+  if [ -z "${TQ_NUM_THREADS:-}" ]; then
+    TQ_NUM_THREADS=$("$PYTHON" -c "import psutil; print(min(8, psutil.cpu_count(logical=False) or 8))")
+    export TQ_NUM_THREADS
+  fi
 }
 
 prepare_data() {
@@ -134,6 +151,7 @@ common_overrides() {
 # launch ALGORITHM_OVERRIDES... -- USER_OVERRIDES...
 launch() {
   check_python
+  quiet_logs
   prepare_data
   setup_retriever
   common_overrides

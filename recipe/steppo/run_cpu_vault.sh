@@ -2,11 +2,15 @@
 # The vault learning task on CPU (steppo_verl/data/vault.py): a tiny policy, warm-started on the call
 # format with random doors, learns which door is right in each room through the real trainer.
 #   PYTHON=.venv/bin/python bash recipe/steppo/run_cpu_vault.sh [hydra overrides]
-# Environment: ESTIMATOR (steppo | grpo | gae | gigpo; the same budget for each), SEED (the run's
+# Environment: ESTIMATOR (steppo | grpo | gae | gigpo | hgpo; the same budget for each), SEED (the run's
 # sampling and data order, 0), WORLD (the vault's layout: which door is right in each room, 0), STEPS
 # (training steps, 10), WORK_DIR (task data and warm-started model per world, shared by runs; default
 # $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED), PYTHON,
+# CONSOLE (compact | full | auto; common.sh), LOG_FILE (verl's whole output, RUN_DIR/run.log),
 # DRY_RUN=1 (print what would run).
+# It ends with a summary (steppo_verl/progress.py): the per-step table, where the log, checkpoints and
+# per-step dumps are, and RUN_DIR/learning_curve.png (success per step; needs matplotlib). With per-step
+# dumps on (trainer.steppo_dump.every_n_steps=N) it also builds RUN_DIR/report.html.
 source "$(dirname "$0")/common.sh"
 : "${WORK_DIR:=${TMPDIR:-/tmp}/steppo_vault}"
 : "${ESTIMATOR:=steppo}"
@@ -20,10 +24,12 @@ case "$ESTIMATOR" in
   grpo) algorithm=(algorithm.adv_estimator=grpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
   gae) algorithm=(algorithm.adv_estimator=gae "${TOKEN_LOSS[@]}") ;;
   gigpo) algorithm=(algorithm.adv_estimator=gigpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
-  *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo; got '$ESTIMATOR'" ;;
+  hgpo) algorithm=(algorithm.adv_estimator=hgpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
+  *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo, hgpo; got '$ESTIMATOR'" ;;
 esac
 
 check_python
+quiet_logs
 mkdir -p "$WORK_DIR"
 WORK_DIR=$(cd "$WORK_DIR" && pwd)
 : "${RUN_DIR:=$WORK_DIR/runs/$ESTIMATOR-$SEED}"
@@ -44,4 +50,6 @@ cmd=("$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${algorithm[@]}"
   "hydra.run.dir=$RUN_DIR/hydra")
 cmd+=("$@")
 if [ "$DRY_RUN" = 1 ]; then printf "%q " "${cmd[@]}"; echo; exit 0; fi
-exec "${cmd[@]}"
+: "${LOG_FILE:=$RUN_DIR/run.log}"
+exec "$PYTHON" -m steppo_verl.progress --log "$LOG_FILE" --console "$CONSOLE" --report "$RUN_DIR/report.html" \
+  --curve "$RUN_DIR/learning_curve.png" -- "${cmd[@]}"

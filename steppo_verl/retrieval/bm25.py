@@ -2,6 +2,11 @@
 
 Tokenization (lower-casing, bm25s's English stopword list, Snowball stemming via PyStemmer) is recorded
 next to the index so that a loaded index tokenizes queries exactly as its corpus was tokenized.
+
+Searching reads bm25s's precomputed score matrix (one column of float32 BM25 term scores per term, over the
+documents that hold the term) but ranks without bm25s's ``retrieve``: that scores and ranks every document of the
+corpus per query, while only documents sharing a term with the query can score above zero. Scores are summed in
+float32 in query-term order, as bm25s sums them, so they are bit-identical to bm25s's.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class BM25Index:
     """Lexical search over passages. Create it with :meth:`build` or :meth:`load`."""
 
     def __init__(self, retriever: bm25s.BM25, passages: list[Passage], settings: TokenizerSettings) -> None:
+        # Other BM25 variants give documents without a query term a nonzero score, which the search below omits.
+        if retriever.method != "lucene":
+            raise ValueError(f"BM25Index ranks bm25s's 'lucene' scoring only, got method {retriever.method!r}")
         self._retriever = retriever
         self._passages = passages
         self._settings = settings
@@ -97,29 +105,35 @@ class BM25Index:
         """Best passages for each query, highest score first, at most ``min(topk, len(self))`` each.
 
         Passages sharing no term with a query score zero and are not hits, so a query that is empty (or
-        only stopwords, or only unknown words) gets an empty list.
+        only stopwords, or only unknown words) gets an empty list. Equal scores rank by corpus position.
         """
         if topk < 1:
             raise ValueError(f"topk must be at least 1, got {topk}")
-        query_terms = self._tokenize(queries, progress=False)
-        answerable = [i for i, terms in enumerate(query_terms) if terms]
-        results: list[list[Hit]] = [[] for _ in queries]
-        if not answerable:
-            return results
-        # One bm25s call for the whole batch; k must not exceed the corpus size or bm25s refuses.
-        doc_indices, scores = self._retriever.retrieve(
-            [query_terms[i] for i in answerable], k=min(topk, len(self)), show_progress=False
-        )
-        for row, query_position in enumerate(answerable):
-            results[query_position] = self._hits(doc_indices[row], scores[row])
-        return results
+        return [self._hits(*self._top_documents(terms, topk)) for terms in self._tokenize(queries, progress=False)]
+
+    def _top_documents(self, terms: list[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions ``[n]`` and float32 scores ``[n]`` of the best ``n <= topk`` documents holding any of ``terms``.
+
+        Each query term's column (the documents holding it, each once, and their term scores) is added into a
+        score array ``[num_docs]``; only documents scoring at least a cheap lower bound of the k-th best are ranked.
+        """
+        vocabulary, matrix = self._retriever.vocab_dict, self._retriever.scores
+        term_ids = [vocabulary[term] for term in terms if term in vocabulary]
+        bounds = [(matrix["indptr"][i], matrix["indptr"][i + 1]) for i in term_ids]
+        columns = [matrix["indices"][start:end] for start, end in bounds]
+        if not columns:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        # A fresh array costs less than zeroing a kept one: the OS hands out zeroed pages lazily.
+        scores = np.zeros(len(self), dtype=np.float32)
+        for column, (start, end) in zip(columns, bounds, strict=True):
+            np.add.at(scores, column, matrix["data"][start:end])  # as bm25s adds: same float32 sums, same order
+        return _best(scores, _kth_best_floor(columns, scores, topk), topk)
 
     def _hits(self, doc_indices: np.ndarray, scores: np.ndarray) -> list[Hit]:
-        """Hits for one query's ranked row, leaving out passages that matched no query term."""
+        """Hits for one query's ranked documents."""
         return [
-            Hit(contents=self._passages[i].contents, score=float(score), id=self._passages[i].id)
+            Hit(contents=self._passages[i].contents, score=score, id=self._passages[i].id)
             for i, score in zip(doc_indices.tolist(), scores.tolist(), strict=True)
-            if score > 0
         ]
 
     def _stemmer(self) -> Stemmer.Stemmer | None:
@@ -139,3 +153,39 @@ class BM25Index:
             return_ids=False,
             show_progress=progress,
         )
+
+
+def _kth_best_floor(columns: list[np.ndarray], scores: np.ndarray, topk: int) -> np.float32:
+    """A positive score no higher than the ``topk``-th best, given the matched documents' positions ``columns``.
+
+    Any ``topk`` matched documents bound the k-th best score from below; the shortest column holding that many is
+    cheap to rank and, its term being the rarest, usually holds the best documents, so the bound is tight. With
+    fewer than ``topk`` matches in all, the floor is the smallest positive score: every match is a hit.
+    """
+    large_enough = [column for column in columns if len(column) >= topk]
+    if large_enough:
+        sample = scores[min(large_enough, key=len)]
+    else:  # every column is shorter than topk: few enough documents to take them all
+        sample = scores[np.unique(np.concatenate(columns))]
+    if len(sample) < topk:
+        return np.finfo(np.float32).smallest_subnormal
+    return np.partition(sample, len(sample) - topk)[len(sample) - topk]
+
+
+def _best(scores: np.ndarray, floor: np.float32, topk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``topk`` best documents by ``scores`` ``[num_docs]``, then by position, given a positive ``floor`` that
+    is no higher than the k-th best score. Returns positions ``[n]`` and scores ``[n]``, ``n <= topk``.
+
+    One sequential pass over all scores finds the documents at or above the floor (non-matches score zero), which
+    is cheaper than gathering the matches' scores once the query terms' columns are long.
+    """
+    candidates = np.flatnonzero(scores >= floor)  # sorted by position
+    candidate_scores = scores[candidates]
+    if len(candidates) > topk:
+        # A loose floor can admit many documents; the exact k-th best score keeps only it and those above.
+        kth = np.partition(candidate_scores, len(candidates) - topk)[len(candidates) - topk]
+        keep = candidate_scores >= kth
+        candidates, candidate_scores = candidates[keep], candidate_scores[keep]
+    # A stable sort by score keeps position order among equal scores.
+    order = np.argsort(-candidate_scores, kind="stable")[:topk]
+    return candidates[order], candidate_scores[order]

@@ -16,6 +16,13 @@ outcome reward comes from the QA reward function.
 Configuration is the ``config:`` block of the tool yaml (see ``steppo_verl/config/search_tool.yaml`` and
 :class:`SearchToolConfig`). The embedded backend loads its index at its first search, once per process,
 shared by every tool instance that names the same directory.
+
+One tool can serve several corpora (``indexes``: data source -> index directory or server URL, as in the
+paper's evaluation, where each dataset is searched in its own corpus). The sample's data source reaches the
+tool through verl's per-sample tool kwargs (``extra_info.tools_kwargs.search.create_kwargs.data_source``,
+which ``steppo_verl.evaluate`` writes); a call whose data source has no index is refused with a failure
+observation, never answered from another corpus. Every search appends the index it used (directory or URL)
+to the trajectory's ``extra_fields["searched_indexes"]``, which verl hands to the reward function.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ SEARCH_STEP_REWARD = 0.0
 BACKENDS = ("embedded", "http")
 # Read by verl's loader (the tool kind, "native"), not by this tool.
 _VERL_KEYS = frozenset({"type"})
+# An ``indexes`` entry with one of these prefixes is a retrieval server; anything else is an index directory.
+_URL_PREFIXES = ("http://", "https://")
+# The key of the trajectory's extra_fields listing the index (directory or URL) of each search, in order.
+SEARCHED_INDEXES = "searched_indexes"
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,9 @@ class SearchToolConfig:
     max_retries: int = 2  # http: further attempts after a connection error, timeout or 5xx
     backoff_s: float = 0.5  # http: sleep before retry i is backoff_s * 2**i
     max_passage_chars: int | None = 1000  # passage text beyond this is cut; None keeps whole passages
+    # data source -> index directory (embedded) or server URL (http); then index_dir, url and corpus must be
+    # null and backend is not read (each entry's form says its backend)
+    indexes: dict[str, str] | None = None
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> SearchToolConfig:
@@ -81,9 +95,11 @@ class SearchToolConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"search tool config: backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.backend == "embedded" and not self.index_dir:
+        if self.indexes is not None:
+            _check_index_map(self)
+        elif self.backend == "embedded" and not self.index_dir:
             raise ValueError("search tool config: backend 'embedded' needs index_dir (a saved BM25 index directory)")
-        if self.backend == "http" and not self.url:
+        elif self.backend == "http" and not self.url:
             raise ValueError("search tool config: backend 'http' needs url (the retrieval server's base URL)")
         _require_int("topk", self.topk, minimum=1)
         _require_int("max_queries_per_call", self.max_queries_per_call, minimum=1)
@@ -92,6 +108,22 @@ class SearchToolConfig:
             _require_int("max_passage_chars", self.max_passage_chars, minimum=1)
         _require_number("timeout_s", self.timeout_s, positive=True)
         _require_number("backoff_s", self.backoff_s, positive=False)
+
+
+def _check_index_map(config: SearchToolConfig) -> None:
+    """``indexes`` must map data-source names to locations, and leave no second place to look for an index."""
+    indexes = config.indexes
+    if not isinstance(indexes, dict) or not indexes:
+        raise ValueError(f"search tool config: indexes must map data sources to index dirs or URLs, got {indexes!r}")
+    for source, location in indexes.items():
+        if not (isinstance(source, str) and source and isinstance(location, str) and location):
+            raise ValueError(
+                f"search tool config: indexes entry {source!r}: {location!r} must map a data source name to an "
+                "index directory or a server URL"
+            )
+    ambiguous = [key for key in ("index_dir", "url", "corpus") if getattr(config, key) is not None]
+    if ambiguous:
+        raise ValueError(f"search tool config: with indexes, set {ambiguous} to null (each entry names its index)")
 
 
 def _require_int(key: str, value: Any, minimum: int) -> None:
@@ -149,13 +181,47 @@ class SharedIndexBackend:
         return await EmbeddedBM25Backend(index).retrieve(queries, topk)
 
 
-def make_backend(config: SearchToolConfig) -> RetrievalBackend:
-    """The retrieval backend ``config`` selects."""
-    if config.backend == "embedded":
-        return SharedIndexBackend(config.index_dir, config.corpus)
+@dataclass(frozen=True)
+class SearchIndex:
+    """One searchable corpus: where it is (recorded with every search) and the backend that searches it."""
+
+    location: str  # index directory or retrieval server URL
+    backend: RetrievalBackend
+
+
+def make_backend(config: SearchToolConfig, backend: str, location: str) -> RetrievalBackend:
+    """The retrieval backend of one index: ``location`` is its directory (embedded) or its server URL (http)."""
+    if backend == "embedded":
+        return SharedIndexBackend(location, config.corpus)
     return HttpRetrievalBackend(
-        config.url, timeout_s=config.timeout_s, max_retries=config.max_retries, backoff_s=config.backoff_s
+        location, timeout_s=config.timeout_s, max_retries=config.max_retries, backoff_s=config.backoff_s
     )
+
+
+def single_index_location(config: SearchToolConfig) -> str | None:
+    """Where the one index of a config without ``indexes`` is: its directory (embedded) or its server URL."""
+    return config.index_dir if config.backend == "embedded" else config.url
+
+
+def make_indexes(config: SearchToolConfig) -> dict[str, SearchIndex]:
+    """The corpora of ``config.indexes`` by data source; empty for a config with one index."""
+    return {
+        source: SearchIndex(location, make_backend(config, _backend_of(location), location))
+        for source, location in (config.indexes or {}).items()
+    }
+
+
+def is_server_url(location: str) -> bool:
+    """Whether an ``indexes`` entry names a retrieval server (http backend) rather than an index directory."""
+    return location.startswith(_URL_PREFIXES)
+
+
+def _backend_of(location: str) -> str:
+    return "http" if is_server_url(location) else "embedded"
+
+
+class UnroutableSearch(ValueError):
+    """A call whose sample names no data source with an index; the message says what to set."""
 
 
 class InvalidSearchArguments(ValueError):
@@ -228,7 +294,8 @@ def _one_line(text: str) -> str:
 class SearchTool(BaseTool):
     """verl ``BaseTool`` answering ``search`` calls from a BM25 index, embedded or behind an HTTP server.
 
-    Stateless between calls, so verl's default ``create``/``release`` (an instance id, nothing kept) suffice.
+    From ``create`` to ``release`` it remembers which data source each instance (one call of one trajectory)
+    belongs to; only ``indexes`` reads it.
     """
 
     def __init__(self, config: dict[str, Any], tool_schema: OpenAIFunctionToolSchema | None) -> None:
@@ -236,23 +303,61 @@ class SearchTool(BaseTool):
         if tool_schema is None:
             raise ValueError("search tool: the tool yaml must give a tool_schema (see steppo_verl/config)")
         self.settings = SearchToolConfig.from_dict(config)
-        self.backend = make_backend(self.settings)
+        self.indexes = make_indexes(self.settings)
+        # One backend for every sample, or (with indexes) one per data source in self.indexes; never both.
+        location = single_index_location(self.settings)
+        self.backend = None if self.indexes else make_backend(self.settings, self.settings.backend, location)
+        self._data_sources: dict[str, Any] = {}
         super().__init__(config, tool_schema)
+
+    async def create(self, instance_id: str | None = None, **kwargs: Any) -> tuple[str, ToolResponse]:
+        """verl's instance, plus the data source of its sample (``create_kwargs["data_source"]``, may be absent)."""
+        instance_id, response = await super().create(instance_id, **kwargs)
+        self._data_sources[instance_id] = (kwargs.get("create_kwargs") or {}).get("data_source")
+        return instance_id, response
+
+    async def release(self, instance_id: str, **kwargs: Any) -> None:
+        self._data_sources.pop(instance_id, None)
+        await super().release(instance_id, **kwargs)
+
+    def index_for(self, instance_id: str) -> SearchIndex:
+        """The index this call searches; :class:`UnroutableSearch` when ``indexes`` has none for its sample."""
+        if self.backend is not None:
+            return SearchIndex(single_index_location(self.settings), self.backend)
+        data_source = self._data_sources.get(instance_id)
+        if data_source not in self.indexes:
+            raise UnroutableSearch(
+                f"no index for data source {data_source!r} (indexes: {sorted(self.indexes)}); every sample needs "
+                "extra_info.tools_kwargs.search.create_kwargs.data_source naming one of them"
+            )
+        return self.indexes[data_source]
 
     @rollout_trace_op
     async def execute(
         self, instance_id: str, parameters: dict[str, Any], **kwargs: Any
     ) -> tuple[ToolResponse, float, dict[str, Any]]:
-        """Search the queries in ``parameters``; returns ``(observation, SEARCH_STEP_REWARD, metrics)``."""
+        """Search the queries in ``parameters``; returns ``(observation, SEARCH_STEP_REWARD, metrics)``.
+
+        ``kwargs["agent_data"]`` (verl's trajectory state) gets the searched index appended to its
+        ``extra_fields["searched_indexes"]``.
+        """
         try:
             request = parse_arguments(parameters, self.settings.max_queries_per_call)
         except InvalidSearchArguments as problem:
             text = f"Invalid search arguments: {problem}. {self._usage()}"
             return ToolResponse(text=text), SEARCH_STEP_REWARD, _metrics(0, 0, 0.0, f"invalid arguments: {problem}")
+        try:
+            index = self.index_for(instance_id)
+        except UnroutableSearch as problem:
+            # A configuration error, not the model's: loud in the logs, and never answered from another corpus.
+            logger.error("search tool: %s", problem)
+            text = f"Search failed: {problem}."
+            return ToolResponse(text=text), SEARCH_STEP_REWARD, _metrics(len(request.queries), 0, 0.0, str(problem))
+        _record_search(kwargs.get("agent_data"), index.location)
 
         started = time.perf_counter()
         try:
-            hits = await self.backend.retrieve(request.queries, self.settings.topk)
+            hits = await index.backend.retrieve(request.queries, self.settings.topk)
         # Any failure, expected (RetrievalError) or not, becomes an observation: a raising tool would end up
         # as verl's generic "Error executing tool" text, less useful to the model and to whoever reads traces.
         except Exception as error:  # noqa: BLE001
@@ -280,6 +385,14 @@ class SearchTool(BaseTool):
             f"Note: at most {self.settings.max_queries_per_call} queries are searched per call; "
             f"you sent {sent}, so only the first {len(request.queries)} were searched."
         )
+
+
+def _record_search(agent_data: Any, location: str) -> None:
+    """Append ``location`` to the trajectory's searched indexes; verl's ``AgentData`` keeps ``extra_fields``
+    for tool data (callers without a trajectory, e.g. a bare ``execute``, record nothing)."""
+    extra_fields = getattr(agent_data, "extra_fields", None)
+    if isinstance(extra_fields, dict):
+        extra_fields.setdefault(SEARCHED_INDEXES, []).append(location)
 
 
 def _failure_reason(error: Exception) -> str:
