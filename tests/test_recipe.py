@@ -42,6 +42,14 @@ EXPECTED = {
         "actor_rollout_ref.actor.kl_loss_coef": 0.001,
         "actor_rollout_ref.rollout.n": 8,
     },
+    "run_qwen2.5-7b_hotpotqa_hgpo.sh": {
+        "algorithm.adv_estimator": "hgpo",
+        "algorithm.gamma": 0.95,
+        "algorithm.hgpo.history_length": 4,
+        "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla",
+        "critic.enable": False,
+        "actor_rollout_ref.rollout.n": 8,
+    },
 }
 SHARED = {
     "trainer.v1.trainer_mode": "steppo",
@@ -77,7 +85,7 @@ def lookup(config: dict, dotted: str):
 
 
 def test_every_script_is_valid_bash():
-    assert len(SCRIPTS) == 8
+    assert len(SCRIPTS) == 9
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -257,6 +265,17 @@ def test_vault_run_ends_with_its_summary_and_learning_curve(tmp_path):
         assert "learning curve:  not drawn (matplotlib is not installed" in result.stdout
     else:
         assert f"learning curve:  {curve}" in result.stdout and curve.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_vault_task_options_and_warm_start_steps_reach_the_preparation(tmp_path):
+    env = {"DRY_RUN": "1", "WORK_DIR": str(tmp_path), "VAULT_OPTIONS": "--room-tokens --practice-rooms 8",
+           "WARM_START_STEPS": "1500"}
+    result = run_script(RECIPE / "run_cpu_vault.sh", env)
+    assert result.returncode == 0, result.stderr
+    task, model = [shlex.split(line.split("would run:", 1)[1]) for line in result.stdout.splitlines()
+                   if "would run:" in line]
+    assert task[-3:] == ["--room-tokens", "--practice-rooms", "8"] and "steppo_verl.data.vault" in task
+    assert model[-2:] == ["--warm-start-steps", "1500"] and "steppo_verl.cpu.tiny_model" in model
 
 
 def test_vault_rejects_an_unknown_estimator(tmp_path):

@@ -7,7 +7,9 @@
 # (training steps, 10), WORK_DIR (task data and warm-started model per world, shared by runs; default
 # $TMPDIR/steppo_vault), RUN_DIR (this run's outputs, WORK_DIR/runs/ESTIMATOR-SEED), PYTHON,
 # CONSOLE (compact | full | auto; common.sh), LOG_FILE (verl's whole output, RUN_DIR/run.log),
-# DRY_RUN=1 (print what would run).
+# VAULT_OPTIONS (extra options of steppo_verl.data.vault, e.g. "--room-tokens --practice-rooms 8"),
+# WARM_START_STEPS (500), DRY_RUN=1 (print what would run). The task and the warm-started model are
+# built once per WORLD under WORK_DIR: use another WORK_DIR for other VAULT_OPTIONS or WARM_START_STEPS.
 # It ends with a summary (steppo_verl/progress.py): the per-step table, where the log, checkpoints and
 # per-step dumps are, and RUN_DIR/learning_curve.png (success per step; needs matplotlib). With per-step
 # dumps on (trainer.steppo_dump.every_n_steps=N) it also builds RUN_DIR/report.html.
@@ -36,9 +38,12 @@ WORK_DIR=$(cd "$WORK_DIR" && pwd)
 TASK_DIR=$WORK_DIR/task-world$WORLD
 MODEL_PATH=$WORK_DIR/model-world$WORLD
 
-[ -f "$TASK_DIR/train.parquet" ] || step "$PYTHON" -m steppo_verl.data.vault --out "$TASK_DIR" --seed "$WORLD"
+read -r -a vault_options <<< "${VAULT_OPTIONS:-}"
+[ -f "$TASK_DIR/train.parquet" ] || step "$PYTHON" -m steppo_verl.data.vault --out "$TASK_DIR" --seed "$WORLD" \
+  "${vault_options[@]}"
 [ -f "$MODEL_PATH/config.json" ] || step "$PYTHON" -m steppo_verl.cpu.tiny_model --out "$MODEL_PATH" \
-  --warm-start "$TASK_DIR/demos.jsonl" --added-tokens "$TASK_DIR/added_tokens.json"
+  --warm-start "$TASK_DIR/demos.jsonl" --added-tokens "$TASK_DIR/added_tokens.json" \
+  --warm-start-steps "${WARM_START_STEPS:-500}"
 
 cmd=("$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${algorithm[@]}"
   "actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
