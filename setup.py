@@ -39,6 +39,8 @@ setup(
         "test": ["pytest", "pytest-timeout", "hypothesis"],
         # rank_bm25: the naive BM25 baseline of bench_retrieval.py; matplotlib: the curves of bench_learning.py
         "bench": ["rank_bm25", "matplotlib"],
+        # TextWorld tasks (steppo_verl/tasks/textworld): optional only, its game interpreter build is GPL.
+        "textworld": ["textworld>=1.7"],
     },
     entry_points={"verl.plugins": ["steppo = steppo_verl.plugin"]},
 )

@@ -22,6 +22,8 @@ writes ``OUT_DIR/results.json`` and ``OUT_DIR/results.md``: per dataset, the que
 F1, and the mean number of policy steps and of searches per sample (the forced first search of the question
 included when the agent loop does one), and ``OUT_DIR/samples.jsonl`` with each sample's record.
 ``--dry-run`` checks the datasets, writes the run's data and tool config and prints the command instead.
+Hydra overrides of the validation files or the tool config are refused (:func:`check_overrides`): data that
+bypassed ``--dataset`` would have no index. The run builds no critic: validation computes no advantage.
 
 ``--model`` is a Hugging Face model directory or hub name; a verl checkpoint is first merged into one with
 ``python -m verl.model_merger merge --backend fsdp --local_dir CKPT/actor --target_dir MODEL_DIR``.
@@ -46,6 +48,9 @@ from steppo_verl.tools.search import SEARCHED_INDEXES, is_server_url
 
 SEARCH_TOOL = "search"  # the tool's name in search_tool.yaml, under which verl looks up its kwargs
 PLATFORMS = ("cpu", "gpu")
+# Set by this command so that every sample reaches its own index: data given here in their place would
+# reach the search tool without a data source it has an index for, and every search of it would fail.
+ROUTING_KEYS = ("data.val_files", "actor_rollout_ref.rollout.multi_turn.tool_config_path")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,17 @@ def check_datasets(datasets: Sequence[EvalDataset]) -> None:
             raise ValueError(
                 f"dataset {dataset.name}: {dataset.index} holds no BM25 index and is no http(s) URL; build one with "
                 "python -m steppo_verl.retrieval.server --corpus CORPUS.jsonl --index DIR --build-only"
+            )
+
+
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse hydra overrides of :data:`ROUTING_KEYS`: data must come as ``--dataset`` with its index."""
+    for override in overrides:
+        key = override.partition("=")[0].lstrip("+~")
+        if key in ROUTING_KEYS:
+            raise ValueError(
+                f"{override!r}: this command sets {key} so that each dataset is searched in its own index; give "
+                "each dataset as --dataset NAME=PARQUET:INDEX instead"
             )
 
 
@@ -144,7 +160,7 @@ def eval_overrides(model: str, platform: str, parquet: Path, tool_config: Path, 
     return [
         *platform_overrides,
         f"actor_rollout_ref.model.path={model}",
-        f"critic.model.path={model}",  # built by the trainer, unused by validation
+        "critic.enable=false",  # validation computes no advantage; a critic would only take memory
         f"data.train_files='{parquet}'",  # verl's trainer needs training data even when it only validates
         f"data.val_files='{parquet}'",
         f"actor_rollout_ref.rollout.multi_turn.tool_config_path={tool_config}",
@@ -298,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         datasets = [parse_dataset(spec) for spec in args.datasets]
         check_datasets(datasets)
+        check_overrides(overrides)
         if (out / "generations").exists():
             raise ValueError(f"{out} already holds an evaluation run; choose a new --out")
         questions = write_eval_parquet(datasets, out / "eval.parquet")

@@ -33,7 +33,14 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss, compute_value_loss, register_policy_loss
 from verl.utils.torch_functional import masked_mean
 
-from steppo_verl.protocol import Steps, locate_steps, scatter_to_tokens, step_means, step_sums
+from steppo_verl.protocol import (
+    Steps,
+    locate_steps,
+    scatter_to_step_starts,
+    scatter_to_tokens,
+    step_means,
+    step_sums,
+)
 
 __all__ = [
     "LOSSES",
@@ -64,10 +71,7 @@ def clip_binds(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, c
 
 def step_start_mask(steps: Steps) -> torch.Tensor:
     """``[B, L]`` bool, True at the first action token of every step (where V(s_k) is read)."""
-    mask = torch.zeros_like(steps.action)
-    rows = torch.arange(steps.starts.shape[0], device=steps.starts.device)[:, None].expand_as(steps.starts)
-    mask[rows[steps.step_mask], steps.starts[steps.step_mask]] = True
-    return mask
+    return scatter_to_step_starts(torch.zeros_like(steps.action), torch.ones_like(steps.step_mask), steps)
 
 
 @register_policy_loss("steppo")

@@ -43,6 +43,7 @@ __all__ = [
     "validate_step_ids",
     "step_ids_from_mask",
     "gather_at_step_starts",
+    "scatter_to_step_starts",
     "scatter_to_tokens",
     "step_sums",
     "step_means",
@@ -243,17 +244,37 @@ def gather_at_step_starts(x: torch.Tensor, steps: Steps) -> torch.Tensor:
     return torch.where(steps.step_mask, values, torch.zeros_like(values))
 
 
+def _check_per_step_shape(step_values: torch.Tensor, steps: Steps) -> None:
+    if step_values.shape != steps.starts.shape:
+        raise ValueError(
+            f"per-step values have shape {tuple(step_values.shape)}, expected [batch, steps] = "
+            f"{tuple(steps.starts.shape)}"
+        )
+
+
+def scatter_to_step_starts(
+    x: torch.Tensor, step_values: torch.Tensor, steps: Steps, where: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, L]`` a copy of ``x [B, L]`` with per-step values ``[B, K]`` written at each step's first token.
+
+    The twin of :func:`gather_at_step_starts`, which reads them back. ``where`` (``[B, K]`` bool) writes only
+    the steps where it is True; every other token keeps ``x``'s value. Values are cast to ``x``'s dtype.
+    """
+    _check_per_step_shape(step_values, steps)
+    written = steps.step_mask if where is None else where & steps.step_mask
+    rows = torch.arange(steps.starts.shape[0], device=steps.starts.device)[:, None].expand_as(steps.starts)
+    out = x.clone()
+    out[rows[written], steps.starts[written]] = step_values[written].to(x.dtype)
+    return out
+
+
 def scatter_to_tokens(step_values: torch.Tensor, steps: Steps, fill: float = 0.0) -> torch.Tensor:
     """Broadcast per-step values ``[B, K]`` to the tokens of each step; ``fill`` elsewhere.
 
     Returns ``[B, L]`` in the dtype of ``step_values``, each value copied exactly (one
     ``index_select`` through :attr:`Steps.slots`; no arithmetic, so int64 keys stay exact too).
     """
-    if step_values.shape != steps.starts.shape:
-        raise ValueError(
-            f"per-step values have shape {tuple(step_values.shape)}, expected [batch, steps] = "
-            f"{tuple(steps.starts.shape)}"
-        )
+    _check_per_step_shape(step_values, steps)
     table = torch.cat([step_values.new_full((1,), fill), step_values.reshape(-1)])  # [1 + B * K]
     return table.index_select(0, steps.slots.view(-1)).view(steps.slots.shape)
 

@@ -1,10 +1,11 @@
 """Registration of StepPO's components with verl, one component at a time.
 
 The components are the ``cpu`` platform (with its FSDP2 engines and ``hf`` rollout backend), the advantage
-estimators, the ``steppo`` policy loss, the ``steppo_agent`` agent loop, and the ``steppo`` trainer with its
-``compute_advantage`` hook. Each registers on its own: one whose import fails (a missing dependency, a name
-another plugin took) is reported with its cause while the others stay registered, so for example a broken
-agent-loop dependency leaves the pure estimators and the loss usable.
+estimators, the ``steppo`` policy loss, the ``steppo_agent`` agent loop, the ``steppo_env_agent`` environment
+agent loop, and the ``steppo`` trainer with its ``compute_advantage`` hook. Each registers on its own: one
+whose import fails (a missing dependency, a name another plugin took) is reported with its cause while the
+others stay registered, so for example a broken agent-loop dependency leaves the pure estimators and the
+loss usable.
 
 :func:`ensure_registered` is what the plugin entry point (:mod:`steppo_verl.plugin`) runs;
 :func:`require_components_for` is the check for a run: it raises only where the run's config selects a
@@ -48,9 +49,19 @@ def _register_losses() -> list[Check]:
 
 
 def _register_agent_loops() -> list[Check]:
-    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
-
     from steppo_verl.agent_loop import AGENT_LOOPS
+
+    return _agent_loop_checks(AGENT_LOOPS)
+
+
+def _register_env_agent_loops() -> list[Check]:
+    from steppo_verl.env_loop import AGENT_LOOPS
+
+    return _agent_loop_checks(AGENT_LOOPS)
+
+
+def _agent_loop_checks(agent_loops: dict[str, type]) -> list[Check]:
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 
     return [
         (
@@ -59,7 +70,7 @@ def _register_agent_loops() -> list[Check]:
             _agent_loop_registry.get(name, {}).get("_target_", "<not registered>"),
             f"{cls.__module__}.{cls.__qualname__}",
         )
-        for name, cls in AGENT_LOOPS.items()
+        for name, cls in agent_loops.items()
     ]
 
 
@@ -79,6 +90,7 @@ COMPONENTS: dict[str, Callable[[], list[Check]]] = {
     "advantage estimators": _register_estimators,
     "policy loss": _register_losses,
     "agent loop": _register_agent_loops,
+    "env agent loop": _register_env_agent_loops,
     "trainer": _register_trainer,
 }
 
@@ -163,6 +175,7 @@ def _config_selections() -> dict[str, tuple[str, Collection[str]]]:
         "advantage estimators": ("algorithm.adv_estimator", ADV_ESTIMATOR_REGISTRY),
         "policy loss": ("actor_rollout_ref.actor.policy_loss.loss_mode", POLICY_LOSS_REGISTRY),
         "agent loop": ("actor_rollout_ref.rollout.agent.default_agent_loop", _agent_loop_registry),
+        "env agent loop": ("actor_rollout_ref.rollout.agent.default_agent_loop", _agent_loop_registry),
         "trainer": ("trainer.v1.trainer_mode", TRAINER_REGISTRY),
     }
 

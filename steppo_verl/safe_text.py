@@ -37,12 +37,21 @@ def control_strings(tokenizer: Any) -> tuple[str, ...]:
     """The strings ``tokenizer`` turns into one reserved id: its special and added tokens, longest first.
 
     Added tokens count even when not "special": in Qwen2.5, ``<tool_call>`` and ``<tool_response>`` are
-    plain added tokens, yet the tool parser and the chat template give them meaning. Single characters are
-    left out: inserting into them is impossible, and the chat tokenizers we target reserve none.
+    plain added tokens, yet the tool parser and the chat template give them meaning. Added tokens that are
+    plain words (letters and digits, maybe after a space: a vocabulary extension such as the vault's room
+    names) are left out: they mark no structure, and splitting them would show the policy a spelling of the
+    word it never writes itself (the vault's room tokens, split in every observation, hid the room from a
+    policy trained to read it). Single characters are left out too: inserting into them is impossible, and
+    the chat tokenizers we target reserve none.
     """
-    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    added = {token.content for token in tokenizer.added_tokens_decoder.values() if not _plain_word(token)}
     strings = (added | set(tokenizer.all_special_tokens)) - {""}
     return tuple(sorted((s for s in strings if len(s) > 1), key=lambda s: (-len(s), s)))
+
+
+def _plain_word(token: Any) -> bool:
+    """Whether an added token is an ordinary word: not special, letters and digits after optional spaces."""
+    return not token.special and token.content.lstrip(" ").isalnum()
 
 
 @functools.lru_cache(maxsize=16)

@@ -36,7 +36,13 @@ from steppo_verl.endings import Ending
 from steppo_verl.loss import clip_range, step_start_value_loss
 from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_records, rows_to_dump
 from steppo_verl.metrics import observed_returns, state_mean_returns, step_metrics
-from steppo_verl.protocol import Steps, gather_at_step_starts, locate_steps, step_ids_from_mask
+from steppo_verl.protocol import (
+    Steps,
+    gather_at_step_starts,
+    locate_steps,
+    scatter_to_step_starts,
+    step_ids_from_mask,
+)
 
 __all__ = [
     "STEP_FIELDS",
@@ -60,7 +66,9 @@ STEP_FIELDS = {
     "bootstrap_index": None,
     "ending": None,
 }
-STEP_AGENT = "steppo_agent"
+# The agent loops that record step fields (steppo_verl.agent_loop, steppo_verl.env_loop).
+STEP_AGENTS = ("steppo_agent", "steppo_env_agent")
+ENV_AGENT = "steppo_env_agent"
 
 
 @dataclass
@@ -116,14 +124,13 @@ def value_source(algorithm: Any) -> str:
     return source
 
 
-def with_state_returns(values: torch.Tensor, steps: Steps, outcomes: torch.Tensor, step_keys: torch.Tensor) -> torch.Tensor:
+def with_state_returns(
+    values: torch.Tensor, steps: Steps, outcomes: torch.Tensor, step_keys: torch.Tensor
+) -> torch.Tensor:
     """``[B, L]`` a copy of ``values`` whose step starts hold the batch's mean return from the step's state
     (:func:`value_source`), where another step of the batch left the same state."""
     state_values, known = state_mean_returns(outcomes, step_keys, steps.step_mask)
-    rows = torch.arange(steps.starts.shape[0], device=values.device)[:, None].expand_as(steps.starts)
-    replaced = values.clone()
-    replaced[rows[known], steps.starts[known]] = state_values[known].to(values.dtype)
-    return replaced
+    return scatter_to_step_starts(values, state_values, steps, where=known)
 
 
 def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
@@ -142,30 +149,41 @@ def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
 def validate_steppo_config(config: DictConfig) -> None:
     """Fail at start-up, with what to set, on configurations that cannot work.
 
-    Checks: ``steppo`` needs a critic and a critic model path; explicit step ids
-    (``algorithm.steppo.step_ids=agent_loop``, the default) need every training sample to run the
-    ``steppo_agent`` loop.
+    Checks: ``steppo`` needs a critic and a critic model path (except in a validation-only run,
+    ``trainer.val_only=true``, which computes no advantage); explicit step ids
+    (``algorithm.steppo.step_ids=agent_loop``, the default) need every training sample to run the same
+    one of :data:`STEP_AGENTS`; verl's own estimators (``grpo``, ``gae``, ...) cannot train on the
+    environment loop, whose rewards they would drop.
     """
     estimator = config.algorithm.adv_estimator
     value_loss_positions(config)
     value_source(config.algorithm)
     _check_clip_range_fits_the_loss(config.actor_rollout_ref.actor)
-    if estimator == "steppo":
+    # A validation-only run (python -m steppo_verl.evaluate) trains nothing: a critic would only take memory.
+    if estimator == "steppo" and not config.trainer.get("val_only", False):
         if not need_critic(config):
             raise ValueError(
                 "algorithm.adv_estimator=steppo needs a critic (V at every step start): set critic.enable=true"
             )
         if not config.critic.model.get("path"):
             raise ValueError("algorithm.adv_estimator=steppo: critic.model.path is empty; set it to the critic model")
+    default_loop = config.actor_rollout_ref.rollout.agent.default_agent_loop
+    if estimator not in ESTIMATORS and default_loop == ENV_AGENT:
+        # verl's own estimators read only the outcome score; an environment's rewards travel as env_rewards.
+        raise ValueError(
+            f"algorithm.adv_estimator={estimator} is verl's own and reads only the outcome reward, but the "
+            f"{ENV_AGENT!r} loop credits the environment's rewards per step (env_rewards), which it would drop: "
+            f"use one of this plugin's estimators {sorted(ESTIMATORS)} (e.g. step_grpo for a GRPO baseline)"
+        )
     if estimator in ESTIMATORS and algorithm_option(config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop":
-        default_loop = config.actor_rollout_ref.rollout.agent.default_agent_loop
         names = _agent_names_in(config.data.train_files) or {default_loop}
-        if names != {STEP_AGENT}:
+        # One loop for all samples: verl stacks every sample's output fields, so they must have the same keys.
+        if len(names) != 1 or not names <= set(STEP_AGENTS):
             raise ValueError(
-                f"explicit step ids need every training sample to run the {STEP_AGENT!r} agent loop, but the "
-                f"data uses {sorted(names)}: set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENT} "
-                f"and/or an agent_name column of {STEP_AGENT!r}, or recover steps from response_mask runs with "
-                "+algorithm.steppo.step_ids=mask"
+                f"explicit step ids need every training sample to run the same one of the agent loops "
+                f"{STEP_AGENTS}, but the data uses {sorted(names)}: set "
+                f"actor_rollout_ref.rollout.agent.default_agent_loop (e.g. {STEP_AGENTS[0]}) and/or the agent_name "
+                "column to one of them, or recover steps from response_mask runs with +algorithm.steppo.step_ids=mask"
             )
 
 
@@ -266,13 +284,17 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     steps = locate_steps(response_mask, step_ids)
     step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
     last_values = bootstrap_values(values, fields) if values is not None else None
-    gamma = algorithm_option(config, "gamma", 1.0)
-    outcomes = observed_returns(rewards, steps, gamma, last_values)
-    estimator_values = values
-    if adv_estimator == "steppo" and values is not None and value_source(config) == "state_returns":
-        if step_keys is None:
-            raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
-        estimator_values = with_state_returns(values, steps, outcomes, step_keys)
+    reads_state_returns = (
+        adv_estimator == "steppo" and values is not None and value_source(config) == "state_returns"
+    )
+    if reads_state_returns and step_keys is None:
+        raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
+    # The observed returns (a float64 pass over the batch) feed the state-returns arm and the StepPO trainer's
+    # metrics and records; verl's plain path has none of them and skips the pass.
+    outcomes = None
+    if current is not None or reads_state_returns:
+        outcomes = observed_returns(rewards, steps, algorithm_option(config, "gamma", 1.0), last_values)
+    estimator_values = with_state_returns(values, steps, outcomes, step_keys) if reads_state_returns else values
     advantages, returns = ESTIMATORS[adv_estimator](
         token_level_rewards=rewards,
         response_mask=response_mask,
@@ -429,8 +451,9 @@ class StepPOTrainer(PPOTrainerSync):
         explicit = algorithm_option(self.config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop"
         if missing and explicit:
             raise ValueError(
-                f"the batch has no {missing}: its samples did not run the {STEP_AGENT!r} agent loop; "
-                f"set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENT} or +algorithm.steppo.step_ids=mask"
+                f"the batch has no {missing}: its samples did not run one of the agent loops {STEP_AGENTS}; "
+                f"set actor_rollout_ref.rollout.agent.default_agent_loop={STEP_AGENTS[0]} or "
+                "+algorithm.steppo.step_ids=mask"
             )
         fields = padded_step_fields(fetched)
         if with_responses:

@@ -93,9 +93,10 @@ class EchoSearch(BaseTool):
         return ToolResponse(text=f"Doc 1 (Title: T) result for {query}"), self.reward, {}
 
 
-def make_loop(tokenizer, server, tools, response_length=400, max_assistant_turns=5, **kwargs):
+def make_loop(tokenizer, server, tools, response_length=400, max_assistant_turns=5, loop_class=None, **kwargs):
+    """A step agent loop (``loop_class``, default :class:`StepAgentLoop`) as verl's worker builds it."""
     config = trainer_config(response_length, max_assistant_turns)
-    return StepAgentLoop(
+    return (loop_class or StepAgentLoop)(
         trainer_config=DictConfigWrap(config),
         server_manager=server,
         tokenizer=tokenizer,

@@ -278,18 +278,22 @@ def test_json_array_where_jsonl_is_expected_names_the_file(tmp_path):
         prepare("musique", [SplitInput("validation", str(WIKI2_DEV))], tmp_path)
 
 
+def assert_prepare_refuses(tmp_path, dataset, split, source, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(dataset, [SplitInput(split, str(source))], tmp_path / "out")
+
+
 def test_record_without_a_required_field_names_the_record(tmp_path):
     source = tmp_path / "no_context.json"
     source.write_text(json.dumps([{"_id": "x", "question": "Q?", "answer": "A"}]), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"no_context\.json record 0: missing field 'context'"):
-        prepare("2wikimultihopqa", [SplitInput("validation", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "2wikimultihopqa", "validation", source,
+                           r"no_context\.json record 0: missing field 'context'")
 
 
 def test_truncated_json_names_the_file(tmp_path):
     source = tmp_path / "cut.json"
     source.write_text(HOTPOT_DEV.read_text(encoding="utf-8")[:900], encoding="utf-8")
-    with pytest.raises(ValueError, match=r"cut\.json: invalid JSON"):
-        prepare("hotpotqa", [SplitInput("validation", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "hotpotqa", "validation", source, r"cut\.json: invalid JSON")
 
 
 def test_record_without_an_answer_field_is_skipped(tmp_path):
@@ -350,21 +354,21 @@ def test_list_dict_or_number_answer_is_an_error_naming_the_record(tmp_path, answ
     records = hotpot_records()
     records[1]["answer"] = answer
     source = write_json(tmp_path / "odd_answer.json", records)
-    with pytest.raises(ValueError, match=r"odd_answer\.json record 1: 'answer' must be a string or null"):
-        prepare("hotpotqa", [SplitInput("train", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "hotpotqa", "train", source,
+                           r"odd_answer\.json record 1: 'answer' must be a string or null")
 
 
 def test_musique_list_answer_is_an_error_naming_the_line(tmp_path):
     source = write_jsonl(tmp_path / "list_answer.jsonl", [{**musique_records()[0], "answer": ["Hollin"]}])
-    with pytest.raises(ValueError, match=r"list_answer\.jsonl:1: 'answer' must be a string or null"):
-        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "musique", "validation", source,
+                           r"list_answer\.jsonl:1: 'answer' must be a string or null")
 
 
 @pytest.mark.parametrize("aliases", [["Hollin", 7], {"Hollin": 1}, 7])
 def test_musique_answer_aliases_not_strings_is_an_error(tmp_path, aliases):
     source = write_jsonl(tmp_path / "aliases.jsonl", [{**musique_records()[0], "answer_aliases": aliases}])
-    with pytest.raises(ValueError, match=r"aliases\.jsonl:1: 'answer_aliases' must be a list of strings"):
-        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "musique", "validation", source,
+                           r"aliases\.jsonl:1: 'answer_aliases' must be a list of strings")
 
 
 @pytest.mark.parametrize(("answerable", "kept"), [("false", False), ("FALSE", False), ("True", True), (False, False)])
@@ -380,8 +384,8 @@ def test_musique_answerable_neither_bool_nor_true_false_is_an_error(tmp_path, an
     records = musique_records()
     records[2]["answerable"] = answerable
     source = write_jsonl(tmp_path / "answerable.jsonl", records)
-    with pytest.raises(ValueError, match=r"answerable\.jsonl:3: 'answerable' must be true or false"):
-        prepare("musique", [SplitInput("validation", str(source))], tmp_path / "out")
+    assert_prepare_refuses(tmp_path, "musique", "validation", source,
+                           r"answerable\.jsonl:3: 'answerable' must be true or false")
 
 
 def many_records_then_a_bad_one(tmp_path, good):

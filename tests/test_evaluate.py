@@ -61,6 +61,18 @@ def test_two_datasets_with_one_name_are_refused(prepared):
         evaluate.check_datasets([prepared["hotpotqa"], prepared["hotpotqa"]])
 
 
+@pytest.mark.parametrize("override", ["data.val_files=other.parquet", "+data.val_files=[other.parquet]",
+                                      "actor_rollout_ref.rollout.multi_turn.tool_config_path=tools.yaml"])
+def test_override_of_the_routed_data_or_tool_config_is_refused_and_nothing_is_written(prepared, tmp_path, capsys,
+                                                                                      override):
+    """Data given to hydra directly would bypass --dataset: its samples would name no data source with an index."""
+    spec = f"hotpotqa={prepared['hotpotqa'].parquet}:{prepared['hotpotqa'].index}"
+    status = evaluate.main(["--model", "unused", "--out", str(tmp_path / "out"), "--dataset", spec, override])
+    assert status == 2
+    assert f"{override!r}: this command sets" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet_of_another_data_source_is_refused_and_nothing_is_run(prepared, tmp_path):
     """The 2Wiki rows named as musique would be searched in musique's corpus: exit 2 before verl starts."""
     spec = f"musique={prepared['2wikimultihopqa'].parquet}:{prepared['2wikimultihopqa'].index}"
@@ -114,6 +126,7 @@ def test_main_overrides_compose_to_one_validation_pass(tmp_path):
     assert config["data"]["val_files"] == str(parquet)
     assert config["reward"]["custom_reward_function"]["path"] == "pkg://steppo_verl.evaluate"
     assert config["actor_rollout_ref"]["rollout"]["multi_turn"]["tool_config_path"] == str(tmp_path / "tools.yaml")
+    assert config["critic"]["enable"] is False, "validation computes no advantage: no critic in memory"
 
 
 # ------------------------------------------------------------------------------------- scores and table

@@ -12,6 +12,7 @@ from steppo_verl.protocol import (
     StepLayoutError,
     gather_at_step_starts,
     locate_steps,
+    scatter_to_step_starts,
     scatter_to_tokens,
     step_ids_from_mask,
     step_means,
@@ -223,3 +224,40 @@ def test_per_step_values_of_the_wrong_shape_are_rejected():
     steps = locate_steps(torch.tensor([[1, 0, 1]]))
     with pytest.raises(ValueError, match=r"per-step values have shape \(1, 3\), expected .* \(1, 2\)"):
         scatter_to_tokens(torch.zeros(1, 3), steps)
+
+
+@settings(max_examples=150, deadline=None)
+@given(valid_layouts(), st.integers(0, 2**31 - 1))
+def test_scatter_to_step_starts_matches_a_plain_loop(step_ids, seed):
+    steps = locate_steps(step_ids >= 0, step_ids)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(step_ids.shape, generator=generator)
+    per_step = torch.randn(steps.starts.shape, generator=generator, dtype=torch.float64)
+    where = torch.rand(steps.starts.shape, generator=generator) < 0.5
+
+    original = tokens.clone()
+    written = scatter_to_step_starts(tokens, per_step, steps, where=where)
+
+    expected = tokens.clone()
+    for b in range(step_ids.shape[0]):
+        for k, span in enumerate(steps_of_row(step_ids[b].tolist())):
+            if where[b, k]:
+                expected[b, span[0]] = float(per_step[b, k])
+    assert written.dtype == tokens.dtype and torch.equal(written, expected)
+    assert torch.equal(scatter_to_step_starts(tokens, per_step, steps), scatter_to_step_starts(
+        tokens, per_step, steps, where=torch.ones_like(where)))
+    assert torch.equal(tokens, original), "a copy is written, not x itself"
+
+
+def test_scatter_to_step_starts_leaves_padded_steps_unwritten():
+    # Row 1 has one step of the batch's two: its absent step 1 (start 0 by convention) must not overwrite token 0.
+    step_ids = torch.tensor([[0, -1, 1, 1], [-1, 0, 0, -1]])
+    steps = locate_steps(step_ids >= 0, step_ids)
+    written = scatter_to_step_starts(torch.zeros(2, 4), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), steps)
+    assert written.tolist() == [[1.0, 0.0, 2.0, 0.0], [0.0, 3.0, 0.0, 0.0]]
+
+
+def test_step_values_of_the_wrong_shape_are_not_scattered_to_step_starts():
+    steps = locate_steps(torch.tensor([[1, 0, 1]]))
+    with pytest.raises(ValueError, match=r"per-step values have shape \(1, 3\), expected .* \(1, 2\)"):
+        scatter_to_step_starts(torch.zeros(1, 3), torch.zeros(1, 3), steps)

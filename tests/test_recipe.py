@@ -15,6 +15,34 @@ import yaml
 RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "steppo"
 SCRIPTS = sorted(RECIPE.glob("*.sh"))
 
+# The baselines without a critic (common.sh: GROUP_BASELINE, LOW_VAR_KL) [paper's GRPO/GiGPO setting].
+GROUP_BASELINE = {
+    "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla",
+    "actor_rollout_ref.actor.clip_ratio_low": 0.2,
+    "actor_rollout_ref.actor.clip_ratio_high": 0.2,
+    "critic.enable": False,
+    "actor_rollout_ref.rollout.n": 8,
+    "data.train_batch_size": 32,
+    "actor_rollout_ref.actor.ppo_mini_batch_size": 32,
+}
+LOW_VAR_KL = {
+    "actor_rollout_ref.actor.use_kl_loss": True,
+    "actor_rollout_ref.actor.kl_loss_coef": 0.001,
+    "actor_rollout_ref.actor.kl_loss_type": "low_var_kl",
+}
+# How the policy runs (common.sh: POLICY_RUN), in training and in the paper's evaluation alike.
+POLICY_RUN = {
+    "data.max_prompt_length": 3072,
+    "data.truncation": "error",
+    "actor_rollout_ref.rollout.response_length": 8192,
+    "actor_rollout_ref.rollout.multi_turn.max_tool_response_length": 4096,
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": 2,
+    "actor_rollout_ref.rollout.gpu_memory_utilization": 0.6,
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 4,
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 2,
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 4,
+}
+
 # What each script must select; everything else is shared.
 EXPECTED = {
     "run_qwen2.5-7b_hotpotqa.sh": {
@@ -38,17 +66,17 @@ EXPECTED = {
     },
     "run_qwen2.5-7b_hotpotqa_gigpo.sh": {
         "algorithm.adv_estimator": "gigpo",
-        "actor_rollout_ref.actor.use_kl_loss": True,
-        "actor_rollout_ref.actor.kl_loss_coef": 0.001,
-        "actor_rollout_ref.rollout.n": 8,
+        "algorithm.gigpo.step_weight": 1.0,
+        **GROUP_BASELINE,
+        **LOW_VAR_KL,
     },
     "run_qwen2.5-7b_hotpotqa_hgpo.sh": {
         "algorithm.adv_estimator": "hgpo",
         "algorithm.gamma": 0.95,
         "algorithm.hgpo.history_length": 4,
-        "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla",
-        "critic.enable": False,
-        "actor_rollout_ref.rollout.n": 8,
+        "algorithm.hgpo.alpha": 1.0,
+        **GROUP_BASELINE,
+        **LOW_VAR_KL,
     },
 }
 SHARED = {
@@ -60,6 +88,7 @@ SHARED = {
     "reward.custom_reward_function.path": "pkg://steppo_verl.rewards.qa",
     "trainer.total_epochs": 5,
     "trainer.steppo_dump.every_n_steps": 10,
+    **POLICY_RUN,
 }
 
 
@@ -325,6 +354,8 @@ def test_paper_eval_dry_run_searches_each_dataset_in_its_own_index(eval_dir, tmp
     config = yaml.safe_load(composed.stdout)
     out = eval_dir / "results" / "policy"
     for key, value in {
+        **POLICY_RUN,  # evaluated as trained
+        "critic.enable": False,
         "trainer.val_only": True,
         "actor_rollout_ref.rollout.name": "vllm",
         "actor_rollout_ref.model.path": str(tmp_path / "policy"),

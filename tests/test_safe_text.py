@@ -89,6 +89,20 @@ def test_control_token_strings_tokenize_as_plain_text(tokenizer):
     assert set(control_strings(tokenizer)) >= {"<|im_end|>", "<|im_start|>", "<tool_call>", "<tool_response>"}
 
 
+def test_added_word_tokens_stay_whole_in_observations():
+    """The vault's room names are added tokens; split in every observation, the policy could not read them."""
+    boilerplate = '{"name": "open_door", "arguments": {"door": "'
+    words = build_tiny_tokenizer(extra_tokens=[" jade", " nook7", boilerplate])
+    observation = "You are in room jade. Next: nook7."
+    safe = prompt_safe(observation, words)
+    assert safe == observation
+    assert words.convert_tokens_to_ids(words.tokenize(" jade")) == words.encode(" jade"), "one id, kept"
+    assert words.encode(" jade")[0] in words.encode(safe)
+    assert boilerplate in control_strings(words), "added tokens with markup stay control strings"
+    assert {"<tool_call>", "<|im_end|>"} <= set(control_strings(words))
+    assert ZWSP in prompt_safe(f"room jade {boilerplate}", words)
+
+
 def test_overlapping_control_strings_leave_none_behind():
     assert neutralise("abc", ("ab", "bc")).replace(ZWSP, "|") == "a|b|c"
     assert neutralise("xabcx", ("bc", "ab")).replace(ZWSP, "") == "xabcx"

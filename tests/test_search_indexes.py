@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,6 +93,20 @@ def test_data_source_without_an_index_is_refused_not_searched_elsewhere(load_too
     assert text.startswith("Search failed: no index for data source") and "Doc " not in text
     assert metrics["failed"] and "['hotpotqa', 'musique']" in metrics["error"]
     assert SEARCHED_INDEXES not in extra_fields
+
+
+@pytest.mark.timeout(60)
+def test_data_source_without_an_index_is_warned_about_once_per_source(load_tool, index_dirs, caplog):
+    tool = load_tool(indexes=index_dirs)
+
+    with caplog.at_level(logging.WARNING, logger="steppo_verl.tools.search"):
+        for tools_kwargs in (of_source("2wikimultihopqa"), of_source("2wikimultihopqa"), {}, {}, of_source("musique")):
+            search_as_verl(tool, tools_kwargs)
+
+    warnings = [record.getMessage() for record in caplog.records if record.name == "steppo_verl.tools.search"]
+    assert len(warnings) == 2, warnings  # one for 2wikimultihopqa, one for samples naming no data source
+    assert "no index for data source '2wikimultihopqa' (indexes: ['hotpotqa', 'musique'])" in warnings[0]
+    assert "no index for data source None" in warnings[1]
 
 
 @pytest.mark.timeout(60)

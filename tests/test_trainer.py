@@ -274,6 +274,42 @@ def test_plain_verl_path_recovers_steps_from_the_mask():
     torch.testing.assert_close(out.batch["advantages"], expected)
 
 
+def test_plain_path_with_critic_values_computes_no_observed_returns(monkeypatch):
+    """Without the StepPO trainer's step fields (no metrics, no records) and with values=critic, nothing reads
+    the observed returns: their float64 pass over the batch is skipped, and the advantages do not change."""
+    import steppo_verl.trainer as trainer
+
+    calls = []
+
+    def counted_observed_returns(*args, **kwargs):
+        calls.append(args)
+        return observed_returns(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "observed_returns", counted_observed_returns)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]])
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 9.0, 9.0, 0.2, 9.0], [0.1, 9.0, 9.0, 9.0, 9.0]])
+    config = verl_config("algorithm.adv_estimator=steppo").algorithm
+
+    def advantages_of_a_fresh_batch():
+        data = DataProto.from_dict({"token_level_rewards": rewards, "response_mask": mask, "values": values},
+                                   non_tensors={"uid": np.array(["a", "b"], dtype=object)})
+        return trainer.compute_step_advantages(data, "steppo", config).batch["advantages"]
+
+    plain = advantages_of_a_fresh_batch()
+    assert calls == []
+    expected, _ = compute_steppo_advantage(rewards, values, mask, gamma=0.9, lam=0.95)
+    torch.testing.assert_close(plain, expected)
+
+    context = trainer._StepBatch(fields={})  # the StepPO trainer's context: its metrics read the returns
+    token = trainer._CURRENT_BATCH.set(context)
+    try:
+        torch.testing.assert_close(advantages_of_a_fresh_batch(), plain)
+    finally:
+        trainer._CURRENT_BATCH.reset(token)
+    assert len(calls) == 1 and "steppo/step_value/mean" in context.metrics
+
+
 def test_hook_leaves_verls_estimators_alone():
     import verl.trainer.ppo.v1.utils as v1_utils
 
@@ -307,6 +343,12 @@ def test_steppo_without_a_critic_fails_at_start_up():
         validate_steppo_config(config)
 
 
+def test_validation_only_run_without_a_critic_passes_the_start_up_checks():
+    """python -m steppo_verl.evaluate validates only: no advantage is computed, so no critic is built for it."""
+    validate_steppo_config(verl_config("algorithm.adv_estimator=steppo", "critic.enable=false", "trainer.val_only=true",
+                                       "+algorithm.steppo.step_ids=mask"))
+
+
 def test_steppo_with_an_empty_critic_path_fails_at_start_up():
     config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "critic.model.path=''")
     with pytest.raises(ValueError, match="critic.model.path is empty"):
@@ -323,10 +365,26 @@ def test_data_without_the_step_agent_fails_at_start_up(tmp_path):
         "algorithm.adv_estimator=steppo", "critic.enable=true", f"data.train_files={path}",
         "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent",
     )
-    with pytest.raises(ValueError, match=r"\['steppo_agent', 'tool_agent'\].*default_agent_loop=steppo_agent"):
+    with pytest.raises(ValueError, match=r"\['steppo_agent', 'tool_agent'\].*default_agent_loop"):
         validate_steppo_config(config)
-    pq.write_table(pa.table({"agent_name": ["steppo_agent"] * 2}), path)
-    validate_steppo_config(config)  # all samples on the step agent: fine
+    pq.write_table(pa.table({"agent_name": ["steppo_agent", "steppo_env_agent"]}), path)
+    with pytest.raises(ValueError, match="same one"):  # two step loops in one batch: their extra fields differ
+        validate_steppo_config(config)
+    for loop in ("steppo_agent", "steppo_env_agent"):
+        pq.write_table(pa.table({"agent_name": [loop] * 2}), path)
+        validate_steppo_config(config)  # all samples on one step agent: fine
+
+
+def test_verls_own_estimator_on_the_environment_loop_fails_at_start_up():
+    """grpo/gae read only verl's outcome score; the environment loop's rewards (env_rewards) would be lost."""
+    env_loop = "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_env_agent"
+    for estimator in ("grpo", "gae"):
+        config = verl_config(f"algorithm.adv_estimator={estimator}", "data.train_files=[]", env_loop)
+        with pytest.raises(ValueError, match="env_rewards.*step_grpo"):
+            validate_steppo_config(config)
+    validate_steppo_config(verl_config("algorithm.adv_estimator=step_grpo", "data.train_files=[]", env_loop))
+    validate_steppo_config(verl_config("algorithm.adv_estimator=grpo", "data.train_files=[]",
+                                       "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent"))
 
 
 def test_default_agent_loop_must_be_the_step_agent_when_the_data_does_not_say():

@@ -43,6 +43,29 @@ die() { echo "error: $*" >&2; exit 1; }
 TOKEN_LOSS=(actor_rollout_ref.actor.policy_loss.loss_mode=vanilla
   actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.2)
 
+# The group-baseline setting of the baselines without a critic: the token loss, 8 rollouts per prompt
+# (the group), 32 prompts per batch [paper's GRPO/GiGPO setting].
+GROUP_BASELINE=("${TOKEN_LOSS[@]}" critic.enable=false actor_rollout_ref.rollout.n=8
+  data.train_batch_size=32 actor_rollout_ref.actor.ppo_mini_batch_size=32)
+
+# The 0.001 low-variance KL loss of the paper's GiGPO baseline.
+LOW_VAR_KL=(actor_rollout_ref.actor.use_kl_loss=true actor_rollout_ref.actor.kl_loss_coef=0.001
+  actor_rollout_ref.actor.kl_loss_type=low_var_kl)
+
+# How the policy runs: its prompt and response budgets and the per-GPU layout of its passes. Training and
+# evaluation (eval_qwen2.5-7b_paper.sh) share them, so that a policy is evaluated as it was trained.
+POLICY_RUN=(
+  data.max_prompt_length=3072                      # instructions + question + the forced first search [paper]
+  data.truncation=error
+  actor_rollout_ref.rollout.response_length=8192   # all steps and observations: ~11k context [paper: 10k]
+  actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4096
+  actor_rollout_ref.rollout.tensor_model_parallel_size=2
+  actor_rollout_ref.rollout.gpu_memory_utilization=0.6
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2
+  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4
+)
+
 # Run a preparation command, or only show it in a dry run.
 step() {
   if [ "$DRY_RUN" = 1 ]; then printf '[dry run] would run:'; printf ' %q' "$@"; echo; else "$@"; fi
@@ -118,21 +141,13 @@ common_overrides() {
   COMMON_OVERRIDES=(
     "data.train_files=$DATA_DIR/train.parquet"
     "data.val_files=$DATA_DIR/validation.parquet"
-    data.max_prompt_length=3072                 # instructions + question + the forced first search [paper]
-    data.truncation=error
-    actor_rollout_ref.rollout.response_length=8192  # all steps and observations: ~11k context [paper: 10k]
-    actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4096
+    "${POLICY_RUN[@]}"
     "actor_rollout_ref.rollout.multi_turn.tool_config_path=$tool_config"
     "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file config agent_loop.yaml)"
     "actor_rollout_ref.model.path=$MODEL_PATH"
     actor_rollout_ref.model.enable_gradient_checkpointing=true
     actor_rollout_ref.actor.ppo_epochs=1        # [paper]
-    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2
     actor_rollout_ref.rollout.name=vllm
-    actor_rollout_ref.rollout.tensor_model_parallel_size=2
-    actor_rollout_ref.rollout.gpu_memory_utilization=0.6
-    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4
-    actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4
     "critic.model.path=$CRITIC_MODEL_PATH"
     critic.ppo_micro_batch_size_per_gpu=2
     trainer.total_epochs=5                      # [paper]

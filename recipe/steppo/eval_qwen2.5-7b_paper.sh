@@ -54,19 +54,10 @@ add_dataset hotpotqa "${HOTPOTQA_DEV_JSON:-}" "${HOTPOTQA_RETRIEVER_URL:-}"
 add_dataset 2wikimultihopqa "${WIKI2_DEV_JSON:-}" "${WIKI2_RETRIEVER_URL:-}"
 add_dataset musique "${MUSIQUE_DEV_JSONL:-}" "${MUSIQUE_RETRIEVER_URL:-}"
 
-# The rollout settings of the training recipe (common.sh), so that the policy is evaluated as it was trained.
+# The policy's settings of the training recipe (common.sh: POLICY_RUN), so that it is evaluated as it was trained.
 cmd=("$PYTHON" -m steppo_verl.evaluate --model "$MODEL_PATH" --platform gpu --out "$OUT_DIR" "${datasets[@]}"
-  data.max_prompt_length=3072
-  data.truncation=error
+  "${POLICY_RUN[@]}"
   data.val_batch_size=512                       # questions per validation batch (of ~22k)
-  actor_rollout_ref.rollout.response_length=8192
-  actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4096
-  actor_rollout_ref.rollout.tensor_model_parallel_size=2
-  actor_rollout_ref.rollout.gpu_memory_utilization=0.6
-  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4
-  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2
-  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4
-  critic.ppo_micro_batch_size_per_gpu=2
   "trainer.n_gpus_per_node=$N_GPUS"
   "trainer.nnodes=$NNODES"
   "$@")

@@ -5,9 +5,5 @@ source "$(dirname "$0")/common.sh"
 
 launch \
   algorithm.adv_estimator=grpo \
-  "${TOKEN_LOSS[@]}" \
-  critic.enable=false \
-  actor_rollout_ref.rollout.n=8 \
-  data.train_batch_size=32 \
-  actor_rollout_ref.actor.ppo_mini_batch_size=32 \
+  "${GROUP_BASELINE[@]}" \
   -- "$@"

@@ -10,12 +10,6 @@ launch \
   algorithm.gamma=0.95 \
   algorithm.hgpo.history_length=4 \
   algorithm.hgpo.alpha=1.0 \
-  "${TOKEN_LOSS[@]}" \
-  critic.enable=false \
-  actor_rollout_ref.rollout.n=8 \
-  data.train_batch_size=32 \
-  actor_rollout_ref.actor.ppo_mini_batch_size=32 \
-  actor_rollout_ref.actor.use_kl_loss=true \
-  actor_rollout_ref.actor.kl_loss_coef=0.001 \
-  actor_rollout_ref.actor.kl_loss_type=low_var_kl \
+  "${GROUP_BASELINE[@]}" \
+  "${LOW_VAR_KL[@]}" \
   -- "$@"

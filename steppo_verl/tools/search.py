@@ -21,7 +21,8 @@ One tool can serve several corpora (``indexes``: data source -> index directory 
 paper's evaluation, where each dataset is searched in its own corpus). The sample's data source reaches the
 tool through verl's per-sample tool kwargs (``extra_info.tools_kwargs.search.create_kwargs.data_source``,
 which ``steppo_verl.evaluate`` writes); a call whose data source has no index is refused with a failure
-observation, never answered from another corpus. Every search appends the index it used (directory or URL)
+observation, never answered from another corpus, and a warning naming that data source and the configured
+ones is logged once per data source. Every search appends the index it used (directory or URL)
 to the trajectory's ``extra_fields["searched_indexes"]``, which verl hands to the reward function.
 """
 
@@ -308,6 +309,7 @@ class SearchTool(BaseTool):
         location = single_index_location(self.settings)
         self.backend = None if self.indexes else make_backend(self.settings, self.settings.backend, location)
         self._data_sources: dict[str, Any] = {}
+        self._unroutable_sources: set[Any] = set()  # data sources already reported as having no index
         super().__init__(config, tool_schema)
 
     async def create(self, instance_id: str | None = None, **kwargs: Any) -> tuple[str, ToolResponse]:
@@ -349,8 +351,8 @@ class SearchTool(BaseTool):
         try:
             index = self.index_for(instance_id)
         except UnroutableSearch as problem:
-            # A configuration error, not the model's: loud in the logs, and never answered from another corpus.
-            logger.error("search tool: %s", problem)
+            # A configuration error, not the model's, and never answered from another corpus.
+            self._report_unroutable(instance_id, problem)
             text = f"Search failed: {problem}."
             return ToolResponse(text=text), SEARCH_STEP_REWARD, _metrics(len(request.queries), 0, 0.0, str(problem))
         _record_search(kwargs.get("agent_data"), index.location)
@@ -374,6 +376,15 @@ class SearchTool(BaseTool):
             text = self._dropped_note(request) + "\n\n" + text
         num_passages = sum(len(query_hits) for query_hits in hits)
         return ToolResponse(text=text), SEARCH_STEP_REWARD, _metrics(len(request.queries), num_passages, latency)
+
+    def _report_unroutable(self, instance_id: str, problem: UnroutableSearch) -> None:
+        """Warn once per data source without an index: every search of its samples fails alike, and a warning
+        per call would bury the one line that says what to configure."""
+        data_source = self._data_sources.get(instance_id)
+        if data_source in self._unroutable_sources:
+            return
+        self._unroutable_sources.add(data_source)
+        logger.warning("search tool: %s; every search of its samples fails (reported once per data source)", problem)
 
     def _usage(self) -> str:
         limit = self.settings.max_queries_per_call

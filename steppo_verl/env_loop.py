@@ -1,0 +1,229 @@
+"""Step-aware agent loop over a text environment, registered with verl as ``steppo_env_agent``.
+
+Each assistant turn is one step: its text is parsed into an action (:func:`steppo_verl.envs.parse_action`:
+the text inside the turn's last ``<action>...</action>``, or the whole turn with ``action_tag: null``),
+the environment answers it (:class:`steppo_verl.envs.Environment`), and its observation comes back as the
+next user turn, made prompt-safe (:func:`steppo_verl.safe_text.prompt_safe`). Generation and tokenization
+are verl's (its LLM server client and Continuous Token builder, as in ``steppo_agent``); one trajectory is
+one row, with the same step fields as ``steppo_agent`` (:mod:`steppo_verl.step_record`):
+
+- ``step_ids``: step k on the tokens generated in turn k, -1 elsewhere;
+- ``env_rewards``: the environment's reward for each action, on that step's last token;
+- ``step_keys``: the environment's key of the state the step was taken from (exact where the environment
+  knows its state, e.g. the toy corridor; else a hash of its observation);
+- ``ending``, ``truncated``, ``bootstrap_index`` through the one endings policy (:mod:`steppo_verl.endings`).
+
+Where each trajectory's environment comes from: the loop's ``env`` option (``{"name": <registered>, ...}``
+or ``{"class": "package.module.Class", ...}``, the rest constructor arguments), overridden by a sample's
+``extra_info["env"]``; the sample's ``extra_info["env_task"]`` (a dict, default ``{}``) is passed to
+``reset``, without the keys whose value is None (parquet fills a key that other rows have with None).
+The prompt is the sample's ``raw_prompt`` (instructions) followed by the reset observation as a user turn.
+One environment per trajectory; it runs in a worker thread (``asyncio.to_thread``) and is closed when the
+trajectory ends, however it ends.
+
+Endings, in the order they are checked after each turn:
+
+============== ==============================================================================
+length_limit   ``rollout.response_length`` ran out inside the turn (the cut action is not sent to
+               the environment), or (unless the environment terminated) its answer does not fit
+env_done       the environment terminated (won, lost); its last observation is not appended
+turn_limit     verl's ``multi_turn.max_assistant_turns`` / ``max_user_turns`` was reached (this
+               loop's own limit comes first where the environment truncates on the same step)
+env_truncated  the environment cut the episode itself (its own step budget)
+============== ==============================================================================
+
+At ``turn_limit`` and ``env_truncated`` the last observation is still appended, so the state after the
+last step is complete and, where the ending bootstraps (``env_truncated`` by default; ``bootstrap_endings``
+in the yaml), one non-action token after it holds V(s_K) (``bootstrap_index``).
+
+Failures: a turn without an action is answered ``"invalid action: <why>"`` and the environment is not
+stepped (its state, and so the next step's key, stay as they were); an action the environment does not
+understand is its own to answer the same way. An environment that *raises* has failed, and its state is
+unknown: the rollout stops with :class:`EnvironmentFailure` naming the environment, the call and the cause,
+rather than training on a trajectory whose states are guesses. History is the full conversation (no
+bounded-history option yet). Every sample of a batch must use this loop (verl requires identical keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from verl.experimental.agent_loop.agent_loop import register
+from verl.experimental.agent_loop.tool_agent_loop import AgentData, ToolAgentLoop
+from verl.experimental.agent_loop.tool_parser import FunctionCall, ToolParser
+from verl.utils.profiler import simple_timer
+
+from steppo_verl.endings import Ending, EndingPolicy
+from steppo_verl.envs import Environment, InvalidAction, StepResult, check_action_tag, invalid_action_text, make_env
+from steppo_verl.envs import parse_action
+from steppo_verl.safe_text import prompt_safe
+from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, finish_episode, start_episode
+
+__all__ = ["AGENT_LOOPS", "EnvAgentLoop", "EnvironmentFailure"]
+
+
+class EnvironmentFailure(RuntimeError):
+    """An environment raised instead of answering; the trajectory cannot go on from an unknown state."""
+
+
+class _TurnAsText(ToolParser):
+    """Every assistant turn is text for the environment: no tool calls, no tool-call stop tokens."""
+
+    async def extract_tool_calls(self, responses_ids: list[int], tools: Any = None) -> tuple[str, list[FunctionCall]]:
+        return self.tokenizer.decode(responses_ids, skip_special_tokens=True), []
+
+
+@register("steppo_env_agent")
+class EnvAgentLoop(ToolAgentLoop):
+    """verl's generation and tokenization, an environment instead of tools, and the step record."""
+
+    def __init__(
+        self,
+        *args,
+        env: Mapping[str, Any] | None = None,
+        action_tag: str | None = "action",
+        bootstrap_endings: list[str] | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if self.tools:
+            raise ValueError(
+                f"steppo_env_agent drives an environment and takes no tools, got {sorted(self.tools)}; "
+                "unset actor_rollout_ref.rollout.multi_turn.tool_config_path"
+            )
+        self.tool_parser = _TurnAsText(self.tokenizer)
+        self.env_spec = _plain(env, "the loop's `env` option") if env is not None else None
+        self.action_tag = check_action_tag(action_tag)
+        self.endings = EndingPolicy.from_names(bootstrap_endings)
+
+    async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
+        extra_info = kwargs.get("extra_info") or {}
+        agent_data = start_episode(self, kwargs["raw_prompt"], priority, tools_kwargs={})
+        env = make_env(self._env_spec(extra_info))
+        try:
+            first = await self._call_env(env, "reset", _task(extra_info), agent_data.metrics)
+            agent_data.messages.append(self._observation_message(first.observation))
+            await self._handle_pending_state(agent_data, sampling_params)
+            steps: list[StepRecord] = []
+            ending, last = await self._run_steps(env, agent_data, sampling_params, first, steps)
+        finally:
+            await asyncio.to_thread(env.close)
+        output = finish_episode(agent_data, steps, ending, self.endings, self.tokenizer, self.response_length)
+        output.extra_fields["env_info"] = last.info
+        return output
+
+    def _env_spec(self, extra_info: Mapping[str, Any]) -> dict[str, Any]:
+        if extra_info.get("env") is not None:
+            return _plain(extra_info["env"], "extra_info['env']")
+        if self.env_spec is None:
+            raise ValueError(
+                "steppo_env_agent has no environment: set `env` ({name: ..., ...} or {class: ..., ...}) in "
+                "its agent-loop yaml, or extra_info['env'] in the data"
+            )
+        return self.env_spec
+
+    async def _run_steps(
+        self,
+        env: Environment,
+        agent_data: AgentData,
+        sampling_params: dict[str, Any],
+        state: StepResult,
+        steps: list[StepRecord],
+    ) -> tuple[Ending, StepResult]:
+        """Alternate model steps and the environment's answers until the episode ends; the ending and the
+        environment's last answer."""
+        while True:
+            generated_before, messages_before = len(agent_data.response_mask), len(agent_data.messages)
+            await self._handle_generating_state(agent_data, sampling_params)
+            if len(agent_data.response_mask) > generated_before:
+                steps.append(StepRecord(state_key=state.state_key))
+            text = self.tokenizer.decode(agent_data.response_ids, skip_special_tokens=True)
+            if len(agent_data.messages) == messages_before:  # verl records no message when a limit stops it
+                agent_data.messages.append({"role": "assistant", "content": text})
+            if self._turn_was_cut(agent_data):
+                return Ending.LENGTH_LIMIT, state
+            state = await self._act(env, text, state, agent_data.metrics)
+            if steps:
+                steps[-1].reward += state.reward
+            if state.terminated:
+                return Ending.ENV_DONE, state
+            if not await self._observe(agent_data, state.observation):
+                return Ending.LENGTH_LIMIT, state
+            if at_turn_limit(agent_data, self.max_assistant_turns, self.max_user_turns):
+                return Ending.TURN_LIMIT, state
+            if state.truncated:
+                return Ending.ENV_TRUNCATED, state
+
+    def _turn_was_cut(self, agent_data: AgentData) -> bool:
+        """The response budget ended inside the last turn, so its action is incomplete."""
+        used = len(agent_data.response_mask)
+        finished = agent_data.response_ids[-1:] == [self.tokenizer.eos_token_id]
+        return used > self.response_length or (used == self.response_length and not finished)
+
+    async def _act(self, env: Environment, text: str, state: StepResult, metrics: dict[str, Any]) -> StepResult:
+        """The environment's answer to assistant turn ``text``; a turn without an action leaves ``state``."""
+        try:
+            action = parse_action(text, self.action_tag)
+        except InvalidAction as reason:
+            observation = invalid_action_text(str(reason))
+            return StepResult(observation, state_key=state.state_key, info={"invalid_action": True})
+        return await self._call_env(env, "step", action, metrics)
+
+    async def _call_env(self, env: Environment, method: str, argument: Any, metrics: dict[str, Any]) -> StepResult:
+        """``env.<method>(argument)`` in a worker thread, timed into ``metrics`` as verl's tool time."""
+        with simple_timer("tool_calls", metrics):
+            try:
+                result = await asyncio.to_thread(getattr(env, method), argument)
+            except Exception as error:
+                raise EnvironmentFailure(
+                    f"environment {type(env).__name__}.{method}({argument!r}) raised {type(error).__name__}: {error}"
+                ) from error
+        if not isinstance(result, StepResult):
+            raise TypeError(f"{type(env).__name__}.{method} must return a StepResult, got {type(result).__name__}")
+        return result
+
+    async def _observe(self, agent_data: AgentData, observation: str) -> bool:
+        """Append ``observation`` as the next user turn; False (nothing appended) where it does not fit."""
+        messages = [*agent_data.messages, self._observation_message(observation)]
+        merge, mask, logprobs = await self.ct_merge_context_msg(
+            agent_data.messages,
+            messages,
+            agent_data.prompt_ids,
+            agent_data.response_mask,
+            agent_data.response_logprobs or None,
+            tools=self.tool_schemas,
+        )
+        if len(mask) >= self.response_length:
+            return False
+        agent_data.messages, agent_data.prompt_ids, agent_data.response_mask = messages, merge.token_ids, mask
+        if agent_data.response_logprobs:
+            agent_data.response_logprobs = logprobs or []
+        agent_data.user_turns += 1
+        return True
+
+    def _observation_message(self, observation: str) -> dict[str, str]:
+        # The environment's text is nobody's vetted text: it must not forge turn markers.
+        return {"role": "user", "content": prompt_safe(observation, self.tokenizer)}
+
+
+# What this module registers with verl; the plugin checks each entry after import.
+AGENT_LOOPS = {"steppo_env_agent": EnvAgentLoop}
+
+
+def _task(extra_info: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample's ``env_task`` for ``reset``, without None values (keys parquet added for other rows)."""
+    task = extra_info.get("env_task")
+    task = _plain(task, "extra_info['env_task']") if task is not None else {}
+    return {key: value for key, value in task.items() if value is not None}
+
+
+def _plain(mapping: Any, what: str) -> dict[str, Any]:
+    """A plain dict from a yaml node (hydra passes DictConfig) or a mapping; TypeError naming ``what`` else."""
+    if isinstance(mapping, DictConfig):
+        return OmegaConf.to_container(mapping, resolve=True)
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping, got {type(mapping).__name__}: {mapping!r}")
+    return dict(mapping)

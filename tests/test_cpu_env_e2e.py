@@ -1,0 +1,94 @@
+"""The environment agent loop through verl's real trainer on CPU: 2 StepPO steps of the tiny model on the toy
+corridor (``steppo_verl.envs.CorridorEnv``), no tools and no textworld, so it runs wherever the package does.
+
+Built like test_cpu_e2e.py (its session runner and step checks): ``python -m steppo_verl.main +platform=cpu``
+with ``default_agent_loop=steppo_env_agent``, the packaged ``env_agent_loop.yaml`` and the environments'
+reward function (``steppo_verl.envs.reward``: the env's rewards reach the estimator through ``env_rewards``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_cpu_e2e import RUN_TIMEOUT_S, assert_two_finite_steps, run_in_session
+
+from steppo_verl.endings import Ending
+
+pytestmark = pytest.mark.ray
+
+SYSTEM = "Walk the corridor to the door. Answer with one of left, right, take key, open door in <action>...</action>."
+# Corridors of 3 to 5 cells; the rows' env spec gives the corridor a 2-action budget, so besides the loop's
+# own endings (turn and length limits) an episode may also end at the environment's truncation.
+TASKS = [{"length": 3, "key_at": 1, "start": 1}, {"length": 4, "key_at": 2, "start": 1},
+         {"length": 4, "key_at": 1, "start": 2}, {"length": 5, "key_at": 3, "start": 2}]
+ENV = {"name": "corridor", "max_steps": 2}
+ENV_LOOP_YAML = files("steppo_verl") / "config" / "env_agent_loop.yaml"
+
+
+def corridor_rows(split: str) -> list[dict]:
+    return [
+        {
+            "data_source": "corridor",
+            "prompt": [{"role": "system", "content": SYSTEM}],  # the reset observation is the first user turn
+            "ability": "text_game",
+            "reward_model": {"style": "rule", "ground_truth": "won"},
+            "extra_info": {"index": index, "split": split, "env": ENV, "env_task": task},
+            "agent_name": "steppo_env_agent",
+        }
+        for index, task in enumerate(TASKS)
+    ]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    from steppo_verl.cpu.tiny_model import build_tiny_model
+
+    tmp = tmp_path_factory.mktemp("cpu_env_e2e")
+    build_tiny_model(tmp / "model")
+    for split in ("train", "val"):
+        pd.DataFrame(corridor_rows(split)).to_parquet(tmp / f"{split}.parquet")
+    return tmp
+
+
+def env_run_command(tmp: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "steppo_verl.main", "+platform=cpu",
+        "algorithm.adv_estimator=steppo",
+        f"actor_rollout_ref.model.path={tmp}/model",
+        f"critic.model.path={tmp}/model",
+        f"data.train_files={tmp}/train.parquet",
+        f"data.val_files={tmp}/val.parquet",
+        "data.max_prompt_length=256",
+        "data.max_response_length=96",
+        "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_env_agent",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={ENV_LOOP_YAML}",
+        "actor_rollout_ref.rollout.n=2",
+        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns=3",
+        "reward.custom_reward_function.path=pkg://steppo_verl.envs.reward",
+        "trainer.total_training_steps=2",
+        "trainer.steppo_dump.every_n_steps=0",
+        f"trainer.default_local_dir={tmp}/checkpoints",
+        f"hydra.run.dir={tmp}/hydra",
+    ]
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_corridor_env_loop_trains_two_steppo_steps_on_cpu(workdir):
+    result = run_in_session(env_run_command(workdir), workdir)
+    assert_two_finite_steps(
+        result, "critic/vf_loss", "steppo/num_steps/mean", "steppo/step_advantage/mean", "steppo/step_value/mean",
+        "steppo/truncated_frac", "actor/step_clipfrac",
+    )
+    endings = [f"steppo/ending/{ending.value}" for ending in Ending]
+    for step, metrics in result.metrics.items():
+        assert metrics["steppo/num_steps/min"] >= 1, (step, "every corridor episode takes at least one step")
+        assert metrics["steppo/num_steps/max"] <= 3, (step, "max_assistant_turns=3")
+        recorded = [metrics[name] for name in endings]
+        assert all(math.isfinite(share) for share in recorded) and sum(recorded) == pytest.approx(1.0), (step, recorded)
+        assert metrics["steppo/ending/answer"] == 0, "an environment episode never ends with a tool-less answer"
+        assert metrics["critic/score/mean"] == 0, "the environments' reward function adds nothing to env_rewards"
