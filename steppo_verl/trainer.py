@@ -66,9 +66,9 @@ STEP_FIELDS = {
     "bootstrap_index": None,
     "ending": None,
 }
+ENV_AGENT = "steppo_env_agent"  # steppo_verl.env_loop: its rewards travel as env_rewards
 # The agent loops that record step fields (steppo_verl.agent_loop, steppo_verl.env_loop).
-STEP_AGENTS = ("steppo_agent", "steppo_env_agent")
-ENV_AGENT = "steppo_env_agent"
+STEP_AGENTS = ("steppo_agent", ENV_AGENT)
 
 
 @dataclass
