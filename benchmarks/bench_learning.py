@@ -50,6 +50,9 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     # GRPO's advantages with the step loss: separates the step loss from the estimator the other way round
     "grpo+step_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo",)),
     "steppo+step_mean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_step_mean",)),
+    # the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
+    "steppo+action_clip": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)),
+    "grpo+action_clip_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)),
     "steppo+clip0.2": ("steppo", ("actor_rollout_ref.actor.clip_ratio_low=0.2",
                                   "actor_rollout_ref.actor.clip_ratio_high=0.2")),
     "steppo+token_value_loss": ("steppo", ("algorithm.steppo.value_loss=tokens",)),
@@ -65,6 +68,12 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "steppo+state_values+lam0": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")),
     # whitening that divides by the std only: a step whose TD error is 0 stays at 0 (README, "Whitening")
     "steppo+uncentred": ("steppo", ("algorithm.steppo.center=false",)),
+    "steppo+action_clip+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",
+                                                "algorithm.steppo.center=false")),
+    "steppo+vanilla_loss+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+                                                 "actor_rollout_ref.actor.clip_ratio_low=0.2",
+                                                 "actor_rollout_ref.actor.clip_ratio_high=0.2",
+                                                 "algorithm.steppo.center=false")),
     "steppo+state_values+lam0+uncentred": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
                                                       "algorithm.steppo.center=false")),
     "hgpo": ("hgpo", ()),

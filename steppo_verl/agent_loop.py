@@ -38,20 +38,43 @@ come from the agent-loop yaml
 (``steppo_verl/config/agent_loop.yaml``). A malformed tool call, an unknown tool, a tool that
 fails or times out all become an observation for the model; the rollout never fails because of a
 tool. Every sample of a batch must use this loop, since verl requires identical keys per sample.
+
+Branching rollouts (ARPO, :mod:`steppo_verl.branching`; the yaml's ``branching`` block, off by default):
+one sample then returns a list of ``total_rollouts`` outputs. The ``initial_rollouts`` trajectories
+start from the prompt and advance one step per round together; after each round the planner reads the
+entropy of each step's opening tokens (the rollout server's top-k log-probs, asked for with
+``sampling_params["top_logprobs"]``) and may branch a trajectory that just received a tool response:
+the branch copies its whole context (tokens, messages, step record) and samples its own continuation.
+Each row carries ``path_id``, ``parent_id`` and ``branch_position`` (the response token where it leaves
+its parent). A tool that keeps per-trajectory state outside verl's ``AgentData`` copies it in an
+``on_branch(parent_agent_data, child_agent_data)`` method. verl's v1 worker would give every output of
+a list the last one's reward: :mod:`steppo_verl.branch_worker` scores each on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
+import random
 import time
 from typing import Any
 
+import torch
 from verl.experimental.agent_loop.agent_loop import register
 from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
 from verl.experimental.agent_loop.tool_parser import FunctionCall
 from verl.tools.schemas import ToolResponse
 
+from steppo_verl.branching import (
+    BranchingConfig,
+    BranchPlanner,
+    Path,
+    SegmentReport,
+    check_rollout_n_for_branching,
+    segment_entropy,
+)
 from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.safe_text import prompt_safe
 from steppo_verl.state_keys import state_key
@@ -63,9 +86,49 @@ __all__ = ["AGENT_LOOPS", "Ending", "StepAgentLoop", "StepAgentLoopOutput", "sta
 _MALFORMED_CALL = "<malformed tool call>"
 
 
+@dataclasses.dataclass
+class _Trajectory:
+    """One trajectory in progress: verl's state, our step record, and what the next step needs.
+
+    key: the state key of the observation the next step is taken from.
+    tool_fields: what tools wrote to ``extra_fields`` before the first generation (joined after it).
+    top_logprobs: ``[T][k]`` the top-k log-probs of the segment generated last (branching only).
+    """
+
+    agent_data: AgentData
+    steps: list[StepRecord]
+    key: int
+    tool_fields: dict[str, Any]
+    deadline: float | None
+    top_logprobs: list[list[float]] | None = None
+
+
+class _TopLogprobTap:
+    """The rollout server, with the top-k log-probs taken out of its replies and kept by request id.
+
+    Why: verl's generating state copies a reply's ``extra_fields`` into the output row, where ``[T][k]``
+    lists per turn have no place; the branching loop needs them only to measure entropy.
+    """
+
+    FIELDS = ("top_token_ids", "top_logprobs")
+
+    def __init__(self, server: Any):
+        self.server = server
+        self.taken: dict[str, list[list[float]] | None] = {}
+
+    async def generate(self, request_id: str, **kwargs: Any):
+        output = await self.server.generate(request_id=request_id, **kwargs)
+        self.taken[request_id] = output.extra_fields.get("top_logprobs")
+        kept = {k: v for k, v in output.extra_fields.items() if k not in self.FIELDS}
+        return output.model_copy(update={"extra_fields": kept})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server, name)
+
+
 @register("steppo_agent")
 class StepAgentLoop(ToolAgentLoop):
-    """verl's tool agent loop with a step record; see the module docstring."""
+    """verl's tool agent loop with a step record and optional ARPO branching; see the module docstring."""
 
     def __init__(
         self,
@@ -74,6 +137,7 @@ class StepAgentLoop(ToolAgentLoop):
         max_episode_seconds: float | None = None,
         initial_search_tool: str | None = None,
         bootstrap_endings: list[str] | None = None,
+        branching: Any = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -81,9 +145,23 @@ class StepAgentLoop(ToolAgentLoop):
         self.max_episode_seconds = max_episode_seconds
         self.initial_search_tool = initial_search_tool
         self.endings = EndingPolicy.from_names(bootstrap_endings)
+        self.branching = BranchingConfig.from_options(branching)
+        if self.branching is not None:
+            check_rollout_n_for_branching(self.rollout_config.n)
+            self.server_manager = _TopLogprobTap(self.server_manager)
         self._tool_states: list[Any] | None = None  # the states the tools of the current observation named
 
-    async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
+    async def run(
+        self, sampling_params: dict[str, Any], priority: int = 0, **kwargs
+    ) -> StepAgentLoopOutput | list[StepAgentLoopOutput]:
+        if self.branching is not None:
+            return await self._run_branching(sampling_params, priority, kwargs)
+        trajectory = await self._start_trajectory(priority, kwargs)
+        ending = await self._run_steps(trajectory, sampling_params)
+        return self._finish(trajectory, ending)
+
+    async def _start_trajectory(self, priority: int, kwargs: dict[str, Any]) -> _Trajectory:
+        """A new trajectory at the prompt (s_0), the forced first search done if configured."""
         agent_data = start_episode(self, kwargs["raw_prompt"], priority, kwargs.get("tools_kwargs", {}))
         if self.initial_search_tool:
             await self._search_the_question(agent_data, kwargs.get("extra_info") or {})
@@ -92,10 +170,14 @@ class StepAgentLoop(ToolAgentLoop):
         # first generation has run.
         tool_fields = dict(agent_data.extra_fields)
         agent_data.extra_fields.clear()
-        await self._handle_pending_state(agent_data, sampling_params)
-        steps: list[StepRecord] = []
-        ending = await self._run_steps(agent_data, sampling_params, steps, tool_fields)
-        return finish_episode(agent_data, steps, ending, self.endings, self.tokenizer, self.response_length)
+        await self._handle_pending_state(agent_data, {})
+        deadline = time.monotonic() + self.max_episode_seconds if self.max_episode_seconds else None
+        return _Trajectory(agent_data, [], state_key(agent_data.prompt_ids), tool_fields, deadline)
+
+    def _finish(self, trajectory: _Trajectory, ending: Ending) -> StepAgentLoopOutput:
+        return finish_episode(
+            trajectory.agent_data, trajectory.steps, ending, self.endings, self.tokenizer, self.response_length
+        )
 
     async def _search_the_question(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
         """The StepPO paper's forced first search: the question's results become part of the prompt (s_0).
@@ -111,33 +193,117 @@ class StepAgentLoop(ToolAgentLoop):
         response, _, _ = await self._call_tool(call, agent_data.tools_kwargs, agent_data)
         agent_data.messages.append({"role": "tool", "content": response.text or ""})
 
-    async def _run_steps(self, agent_data: AgentData, sampling_params: dict[str, Any], steps: list[StepRecord],
-                         tool_fields: dict[str, Any]) -> Ending:
-        """Alternate model steps and observations until the model answers or a limit cuts it off;
-        ``tool_fields`` (what tools wrote to ``extra_fields`` before the first generation) join
-        ``extra_fields`` after it."""
-        deadline = time.monotonic() + self.max_episode_seconds if self.max_episode_seconds else None
-        key = state_key(agent_data.prompt_ids)
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                return Ending.TIMEOUT
-            generated_before = len(agent_data.response_mask)
-            state = await self._handle_generating_state(agent_data, sampling_params)
-            agent_data.extra_fields.update(tool_fields)
-            tool_fields = {}
-            if len(agent_data.response_mask) > generated_before:
-                steps.append(StepRecord(state_key=key))
-            if state == AgentState.TERMINATED:
-                ending = await self._classify_stop(agent_data)
-                if ending is Ending.TURN_LIMIT:
-                    # Observe what the last step asked for, so the state after it can be valued.
-                    fits = await self._observe(agent_data, steps) is not None
-                    return ending if fits else Ending.LENGTH_LIMIT
+    async def _run_steps(self, trajectory: _Trajectory, sampling_params: dict[str, Any]) -> Ending:
+        """Alternate model steps and observations until the model answers or a limit cuts it off."""
+        while (ending := await self._step(trajectory, sampling_params)) is None:
+            pass
+        return ending
+
+    async def _step(self, trajectory: _Trajectory, sampling_params: dict[str, Any]) -> Ending | None:
+        """One model step and the observation it asked for; the ending if the trajectory ended, else None."""
+        agent_data, steps = trajectory.agent_data, trajectory.steps
+        if trajectory.deadline is not None and time.monotonic() > trajectory.deadline:
+            return Ending.TIMEOUT
+        generated_before = len(agent_data.response_mask)
+        state = await self._handle_generating_state(agent_data, sampling_params)
+        if self.branching is not None:
+            trajectory.top_logprobs = self.server_manager.taken.pop(agent_data.request_id, None)
+        agent_data.extra_fields.update(trajectory.tool_fields)
+        trajectory.tool_fields = {}
+        if len(agent_data.response_mask) > generated_before:
+            steps.append(StepRecord(state_key=trajectory.key))
+        if state == AgentState.TERMINATED:
+            ending = await self._classify_stop(agent_data)
+            if ending is Ending.TURN_LIMIT:
+                # Observe what the last step asked for, so the state after it can be valued.
+                fits = await self._observe(agent_data, steps) is not None
+                return ending if fits else Ending.LENGTH_LIMIT
+            if ending is not None:
+                return ending
+        key = await self._observe(agent_data, steps)
+        if key is None:
+            return Ending.LENGTH_LIMIT
+        trajectory.key = key
+        return None
+
+    # ------------------------------------------------------------------------------------------ branching
+
+    async def _run_branching(
+        self, sampling_params: dict[str, Any], priority: int, kwargs: dict[str, Any]
+    ) -> list[StepAgentLoopOutput]:
+        """ARPO's rollouts of one sample: ``total_rollouts`` rows, in path order (see the module docstring).
+
+        Round by round every active trajectory takes one step (concurrently); the planner then sees
+        each step's entropy and starts branches (copies of a trajectory that just observed a tool
+        response) or, when nothing continues, a whole rollout.
+        """
+        config = self.branching
+        planner = BranchPlanner(config, random.Random(branch_seed(self.rollout_config.get("seed"), kwargs)))
+        sampling_params = {**sampling_params, "top_logprobs": config.top_k}
+        starts = [self._start_trajectory(priority, kwargs) for _ in planner.paths]
+        trajectories = dict(enumerate(await asyncio.gather(*starts)))
+        endings: dict[int, Ending] = {}
+        while not planner.done:
+            active = list(planner.active)
+            results = await asyncio.gather(*(self._step(trajectories[i], sampling_params) for i in active))
+            reports = {}
+            for path_id, ending in zip(active, results):
+                reports[path_id], ending = self._report(trajectories[path_id], ending)
                 if ending is not None:
-                    return ending
-            key = await self._observe(agent_data, steps)
-            if key is None:
-                return Ending.LENGTH_LIMIT
+                    endings[path_id] = ending
+            for path in planner.plan_round(reports):
+                trajectories[path.path_id] = (
+                    self._branch(trajectories[path.parent_id], priority)
+                    if path.parent_id >= 0
+                    else await self._start_trajectory(priority, kwargs)
+                )
+        return [self._finish_path(trajectories[p.path_id], endings[p.path_id], p) for p in planner.paths]
+
+    def _report(self, trajectory: _Trajectory, ending: Ending | None) -> tuple[SegmentReport, Ending | None]:
+        """What the planner needs of a trajectory's last step, and its ending.
+
+        A trajectory whose observation filled the response budget has no room for another step: it ends
+        here with a length cut instead of being branched into copies that could not generate.
+        """
+        length = len(trajectory.agent_data.response_mask)
+        if ending is None and length >= self.response_length:
+            ending = Ending.LENGTH_LIMIT
+        return SegmentReport(self._segment_entropy(trajectory), ending is None, length), ending
+
+    def _segment_entropy(self, trajectory: _Trajectory) -> float:
+        """ARPO's entropy of the last generated segment's opening tokens (0 if the step generated nothing)."""
+        rows = trajectory.top_logprobs
+        if rows is None:
+            if not trajectory.steps:
+                return 0.0  # the trajectory timed out before its first generation
+            raise RuntimeError(
+                "branching rollouts need the rollout server's top-k log-probs of each response token "
+                f"(sampling_params top_logprobs={self.branching.top_k}, returned as extra_fields['top_logprobs']); "
+                f"the server ({type(self.server_manager.server).__name__}) returned none. The hf rollout server "
+                "returns them; for another server, add them or turn branching off"
+            )
+        return float(segment_entropy(top_logprob_matrix(rows), len(self.tokenizer), self.branching.entropy_window))
+
+    def _branch(self, parent: _Trajectory, priority: int) -> _Trajectory:
+        """A copy of ``parent`` (its whole context, steps and tool-visible state) with its own request id.
+
+        Tools are shared, not copied. A tool that keeps per-trajectory state outside ``AgentData`` (keyed
+        by it) copies that state in an ``on_branch(parent_agent_data, child_agent_data)`` method.
+        """
+        memo = {id(tool): tool for tool in self.tools.values()}
+        agent_data = copy.deepcopy(parent.agent_data, memo)
+        agent_data.request_id = self._make_request_id(priority, self.rollout_config.full_determinism)
+        for tool in self.tools.values():
+            if hasattr(tool, "on_branch"):
+                tool.on_branch(parent.agent_data, agent_data)
+        steps = [dataclasses.replace(step) for step in parent.steps]
+        return _Trajectory(agent_data, steps, parent.key, {}, parent.deadline)
+
+    def _finish_path(self, trajectory: _Trajectory, ending: Ending, path: Path) -> StepAgentLoopOutput:
+        output = self._finish(trajectory, ending)
+        output.path_id, output.parent_id = path.path_id, path.parent_id
+        output.branch_position = path.branch_position if path.parent_id >= 0 else -1
+        return output
 
     async def _classify_stop(self, agent_data: AgentData) -> Ending | None:
         """Why verl's generating state stopped. None: a malformed tool call, queued for an observation."""
@@ -217,6 +383,26 @@ class StepAgentLoop(ToolAgentLoop):
         if response.text:
             response = response.model_copy(update={"text": prompt_safe(response.text, self.tokenizer)})
         return response, reward, metrics
+
+
+def branch_seed(rollout_seed: Any, kwargs: dict[str, Any]) -> str:
+    """The planner's seed for one sample: the rollout seed, the training step and the sample's identity.
+
+    A string seeds ``random.Random`` the same way in every process (no hash randomisation).
+    """
+    identity = [kwargs.get(name) for name in ("global_steps", "index", "session_id")]
+    identity = [value.tolist() if isinstance(value, torch.Tensor) else value for value in identity]
+    return json.dumps([rollout_seed, *identity, kwargs.get("raw_prompt")], default=str)
+
+
+def top_logprob_matrix(rows: list[list[float]]) -> torch.Tensor:
+    """``[T, k]`` float64 from the server's per-token top-k lists; rows of unequal length padded with -inf
+    (vLLM adds the sampled token where it is not among the top k)."""
+    width = max((len(row) for row in rows), default=1)
+    matrix = torch.full((len(rows), width), -torch.inf, dtype=torch.float64)
+    for t, row in enumerate(rows):
+        matrix[t, : len(row)] = torch.tensor(row, dtype=torch.float64)
+    return matrix
 
 
 # What this module registers with verl; the plugin checks each entry after import.

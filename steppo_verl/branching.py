@@ -12,23 +12,31 @@ Advantages come from GRPO over all rollouts of a prompt; tokens of a shared pref
 trained once per trajectory that holds them ("soft": in expectation they carry their branches' mean
 advantage) or once in all, with that mean ("hard").
 
-This module holds no agent loop and no verl glue: it is for an agent loop to drive
-:class:`BranchPlanner` (one per prompt) and for the trainer to call :func:`branch_advantages`.
-Everything is deterministic given the ``random.Random`` passed in.
+This module holds no agent loop: ``steppo_agent`` (:mod:`steppo_verl.agent_loop`) drives
+:class:`BranchPlanner` (one per prompt), and the ``arpo`` estimator registered here
+(``algorithm.adv_estimator=arpo``, ``algorithm.arpo.attribution: soft|hard``) calls
+:func:`branch_advantages` on the branch fields the StepPO trainer fetches. Everything is
+deterministic given the ``random.Random`` passed in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
+from verl.trainer.ppo.core_algos import register_adv_est
 
-from steppo_verl.advantage import episode_baseline
+from steppo_verl.advantage import algorithm_option, episode_baseline
 
 ATTRIBUTIONS = ("soft", "hard")
+# Per-row fields of a branched trajectory (steppo_verl.step_record.StepAgentLoopOutput), as the trainer fetches them.
+BRANCH_FIELDS = ("path_id", "parent_id", "branch_position")
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,36 @@ class BranchingConfig:
             raise ValueError(f"branching branch_probability must be in [0, 1], got {self.branch_probability!r}")
         if not _is_number(self.entropy_weight) or not math.isfinite(self.entropy_weight):
             raise ValueError(f"branching entropy_weight must be a finite number, got {self.entropy_weight!r}")
+
+
+    @classmethod
+    def from_options(cls, options: Mapping | None) -> BranchingConfig | None:
+        """The agent-loop yaml's ``branching:`` block as a config; None (branching off) for a null block.
+
+        Raises:
+            ValueError: the block is not a mapping or names an option this config does not have.
+        """
+        if options is None:
+            return None
+        if not isinstance(options, Mapping):
+            raise ValueError(f"the agent loop's branching block must be a mapping of options or null, got {options!r}")
+        options = dict(options)
+        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            known = [f.name for f in dataclasses.fields(cls)]
+            raise ValueError(f"the agent loop's branching block has unknown options {unknown}; known: {known}")
+        return cls(**options)
+
+
+def check_rollout_n_for_branching(n: int) -> None:
+    """With branching, one sample already yields its prompt's whole budget of trajectories, all under the
+    sample's uid (one GRPO group); ``rollout.n`` copies would repeat the path ids within that group."""
+    if n != 1:
+        raise ValueError(
+            f"branching rollouts (steppo_agent's branching block) return total_rollouts trajectories per sample, "
+            f"replacing rollout.n copies: set actor_rollout_ref.rollout.n=1 (it is {n}), and count "
+            "actor.ppo_mini_batch_size in trajectories"
+        )
 
 
 def _is_number(value) -> bool:
@@ -388,3 +426,83 @@ def _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, res
             f"row {row}'s branch position {int(branch_positions[row])} must be in [0, {length}], and 0 for a whole "
             f"rollout (its parent id is {int(parent_ids[row])})"
         )
+
+
+# ---------------------------------------------------------------------------------------------- verl
+
+
+def arpo_attribution(config: Any) -> str:
+    """``algorithm.arpo.attribution``: ``soft`` (ARPO's, the default) or ``hard``."""
+    mode = algorithm_option(config, "arpo.attribution", "soft")
+    if mode not in ATTRIBUTIONS:
+        raise ValueError(f"algorithm.arpo.attribution must be one of {ATTRIBUTIONS}, got {mode!r}")
+    return mode
+
+
+def arpo_advantages(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    config: Any,
+    index: Any,
+    branches: Mapping[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`branch_advantages` of a verl batch: ``(advantages, loss weights)``, both ``[B, L]``.
+
+    token_level_rewards, response_mask: ``[B, L]``; a row's return is the sum of its rewards.
+    index: ``[B]`` the rows' prompt uids (one GRPO group each).
+    branches: the rows' :data:`BRANCH_FIELDS` ``[B]`` (``branch_position`` -1 for a whole rollout),
+        ``responses`` ``[B, L]`` and optionally ``is_padding`` ``[B]`` (verl's filler rows, which are
+        copies of a real row under their own uid: each counts as a whole rollout of its own).
+    """
+    if branches is None or any(name not in branches for name in (*BRANCH_FIELDS, "responses")):
+        raise ValueError(
+            "adv_estimator=arpo needs the branch fields of each row (path_id, parent_id, branch_position) and the "
+            "responses: train through the StepPO trainer (python -m steppo_verl.main) on steppo_agent's rows"
+        )
+    if index is None:
+        raise ValueError("adv_estimator=arpo needs the rows' prompt uids (index) to group them")
+    group_ids = torch.as_tensor(np.unique(np.asarray(index, dtype=str), return_inverse=True)[1].reshape(-1))
+    path_ids, parent_ids = branches["path_id"].long(), branches["parent_id"].long()
+    positions = branches["branch_position"].long().clamp(min=0)
+    padding = branches.get("is_padding")
+    if padding is not None and bool(padding.any()):
+        rows = torch.arange(path_ids.shape[0])
+        path_ids = torch.where(padding, -2 - rows, path_ids)  # unique, and never a real path id (>= 0) or -1
+        parent_ids = torch.where(padding, -1, parent_ids)
+        positions = torch.where(padding, 0, positions)
+    return branch_advantages(
+        arpo_attribution(config),
+        token_level_rewards.sum(dim=-1),
+        group_ids,
+        path_ids,
+        parent_ids,
+        positions,
+        branches["responses"],
+        response_mask,
+        norm_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
+    )
+
+
+def arpo_loss_mask(token_level_rewards, response_mask, config=None, index=None, branches=None) -> torch.Tensor | None:
+    """``[B, L]`` the response mask the actor should train with under ``arpo``, or None to keep verl's.
+
+    Hard attribution trains a shared prefix once, in the row that generated it: its copies get weight 0.
+    """
+    if arpo_attribution(config) == "soft":
+        return None
+    return arpo_advantages(token_level_rewards, response_mask, config, index, branches)[1].to(response_mask.dtype)
+
+
+@register_adv_est("arpo")
+def arpo_estimator(token_level_rewards, response_mask, config=None, index=None, branches=None, **kwargs):
+    """verl entry for ``algorithm.adv_estimator=arpo``: GRPO over all rollouts of a prompt, branches included,
+    attributed ``algorithm.arpo.attribution`` (see :func:`branch_advantages`); returns ``(advantages, advantages)``
+    as verl's GRPO does."""
+    advantages = arpo_advantages(token_level_rewards, response_mask, config, index, branches)[0]
+    return advantages, advantages
+
+
+# What this module registers with verl; the plugin checks each entry after import.
+BRANCH_ESTIMATORS = {"arpo": arpo_estimator}
+# For estimators that change which tokens the actor trains on: the trainer's one place that stores the mask.
+LOSS_MASKS = {"arpo": arpo_loss_mask}

@@ -21,6 +21,14 @@ are summed per trajectory and averaged over the global batch's trajectories), so
 does not outweigh a 5-token answer in the gradient either. verl's dual clip (``clip_ratio_c``) bounds
 the loss of a negative-advantage step whose ratio exploded, as in verl's vanilla loss.
 
+``steppo_action_clip`` reads the clip range as bounds on the step's whole probability ratio (the product of
+its token ratios, the action's ratio in the step MDP): the geometric-mean ratio of an n-token step is
+clipped at ``(1 - eps_low) ** (1/n)`` and ``(1 + eps_high) ** (1/n)``. Why: in a short step where one
+token carries the decision and the rest are fixed format, a bound on the geometric mean lets that one
+token's ratio move by ``(1 + eps) ** n`` before the clip binds (about 3x for eps = 0.2 and n = 6),
+a looser trust region than the token loss gives the same token. With this mode eps = 0.2 bounds the
+decision token as the token loss does, and a 300-token step gets a per-token bound of the GSPO scale.
+
 :func:`step_start_value_loss` is the matching critic loss (``algorithm.steppo.value_loss=step_starts``):
 V is trained only where StepPO reads it, at each step's first action token.
 """
@@ -46,7 +54,9 @@ __all__ = [
     "LOSSES",
     "clip_binds",
     "compute_policy_loss_steppo",
+    "compute_policy_loss_steppo_action_clip",
     "compute_policy_loss_steppo_step_mean",
+    "step_clip_bounds",
     "step_start_mask",
     "step_start_value_loss",
 ]
@@ -64,9 +74,34 @@ def clip_range(config: Any) -> tuple[float, float]:
     return low, high
 
 
-def clip_binds(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
-    """Where the PPO clip removes the gradient: ratio above 1 + high with A > 0, below 1 - low with A < 0."""
-    return ((advantages > 0) & (ratio > 1 + clip_high)) | ((advantages < 0) & (ratio < 1 - clip_low))
+def clip_binds(
+    ratio: torch.Tensor, advantages: torch.Tensor, lower: float | torch.Tensor, upper: float | torch.Tensor
+) -> torch.Tensor:
+    """Where the PPO clip removes the gradient: ratio above ``upper`` with A > 0, below ``lower`` with A < 0."""
+    return ((advantages > 0) & (ratio > upper)) | ((advantages < 0) & (ratio < lower))
+
+
+# Loss modes whose clip range bounds the step's whole probability ratio (see the module docstring).
+ACTION_CLIP_MODES = ("steppo_action_clip",)
+
+
+def step_clip_bounds(
+    steps: Steps, clip_low: float, clip_high: float, per_action: bool, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, K]`` lower and upper clip bounds of each step's geometric-mean ratio.
+
+    ``per_action=False``: ``1 - clip_low`` and ``1 + clip_high`` for every step. ``per_action=True``: the
+    range bounds the step's whole ratio, so an n-action-token step's geometric mean is bounded at
+    ``(1 - clip_low) ** (1/n)`` and ``(1 + clip_high) ** (1/n)``.
+    """
+    if not 0 <= clip_low < 1 or not clip_high >= 0:
+        raise ValueError(f"clip range must satisfy 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got "
+                         f"({clip_low}, {clip_high})")
+    ones = torch.ones(steps.step_mask.shape, dtype=dtype, device=steps.step_mask.device)
+    if not per_action:
+        return ones * (1 - clip_low), ones * (1 + clip_high)
+    inverse_length = 1.0 / step_sums(steps.action.to(dtype), steps).clamp(min=1)
+    return (1 - clip_low) ** inverse_length, (1 + clip_high) ** inverse_length
 
 
 def step_start_mask(steps: Steps) -> torch.Tensor:
@@ -131,9 +166,32 @@ def compute_policy_loss_steppo_step_mean(
     )
 
 
+@register_policy_loss("steppo_action_clip")
+def compute_policy_loss_steppo_action_clip(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+    step_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The ``steppo`` objective with the clip range on each step's whole ratio (``loss_mode=steppo_action_clip``).
+
+    An n-action-token step's geometric-mean ratio is clipped at ``(1 - low) ** (1/n)`` and
+    ``(1 + high) ** (1/n)`` (:func:`step_clip_bounds`), i.e. where the product of its token ratios leaves
+    ``[1 - low, 1 + high]``. Arguments and metrics as :func:`compute_policy_loss_steppo`.
+    """
+    return _step_policy_loss(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids,
+        per_action_clip=True,
+    )
+
+
 def _step_policy_loss(
     old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights, step_ids,
-    equal_steps: bool = False,
+    equal_steps: bool = False, per_action_clip: bool = False,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     if config is None:
         raise ValueError("the steppo policy loss needs verl's actor config (clip ratios, global batch info)")
@@ -149,8 +207,9 @@ def _step_policy_loss(
     token_log_ratio = log_prob - log_prob.detach() + scatter_to_tokens(step_log_ratio.to(log_prob.dtype), steps)
     ratio = torch.exp(token_log_ratio.clamp(max=_MAX_LOG_RATIO))
 
+    step_lower, step_upper = step_clip_bounds(steps, clip_low, clip_high, per_action_clip, ratio.dtype)  # [B, K]
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = -advantages * torch.clamp(ratio, scatter_to_tokens(step_lower, steps), scatter_to_tokens(step_upper, steps))
     pg_losses = torch.maximum(unclipped, clipped)
     # Dual clip: a negative-advantage step whose ratio ran far above 1 contributes at most -A * c.
     dual_clipped = (advantages < 0) & (pg_losses > -advantages * clip_ratio_c)
@@ -175,7 +234,7 @@ def _step_policy_loss(
     with torch.no_grad():
         step_ratio = torch.exp(step_log_ratio.clamp(max=_MAX_LOG_RATIO))
         step_adv = step_means(advantages.detach(), steps)
-        step_was_clipped = clip_binds(step_ratio, step_adv, clip_low, clip_high) & steps.step_mask
+        step_was_clipped = clip_binds(step_ratio, step_adv, step_lower, step_upper) & steps.step_mask
         num_steps = steps.step_mask.sum().clamp(min=1)
         metrics = {
             "actor/pg_clipfrac": masked_mean(torch.gt(clipped, unclipped).float(), loss_mask).item(),
@@ -240,4 +299,8 @@ def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: A
 
 
 # What this module registers with verl; the plugin checks each entry after import.
-LOSSES = {"steppo": compute_policy_loss_steppo, "steppo_step_mean": compute_policy_loss_steppo_step_mean}
+LOSSES = {
+    "steppo": compute_policy_loss_steppo,
+    "steppo_step_mean": compute_policy_loss_steppo_step_mean,
+    "steppo_action_clip": compute_policy_loss_steppo_action_clip,
+}

@@ -1,11 +1,11 @@
 """Registration of StepPO's components with verl, one component at a time.
 
 The components are the ``cpu`` platform (with its FSDP2 engines and ``hf`` rollout backend), the advantage
-estimators, the ``steppo`` policy loss, the ``steppo_agent`` agent loop, the ``steppo_env_agent`` environment
-agent loop, and the ``steppo`` trainer with its ``compute_advantage`` hook. Each registers on its own: one
-whose import fails (a missing dependency, a name another plugin took) is reported with its cause while the
-others stay registered, so for example a broken agent-loop dependency leaves the pure estimators and the
-loss usable.
+estimators (``arpo`` included), the ``steppo`` policy loss, the ``steppo_agent`` agent loop, the
+``steppo_env_agent`` environment agent loop, and the ``steppo`` trainer with its ``compute_advantage`` hook.
+Each registers on its own: one whose import fails (a missing dependency, a name another plugin took) is
+reported with its cause while the others stay registered, so for example a broken agent-loop dependency
+leaves the pure estimators and the loss usable.
 
 :func:`ensure_registered` is what the plugin entry point (:mod:`steppo_verl.plugin`) runs;
 :func:`require_components_for` is the check for a run: it raises only where the run's config selects a
@@ -36,8 +36,10 @@ def _register_estimators() -> list[Check]:
     from verl.trainer.ppo.core_algos import get_adv_estimator_fn
 
     from steppo_verl.advantage import ESTIMATORS
+    from steppo_verl.branching import BRANCH_ESTIMATORS
 
-    return [("advantage estimator", name, get_adv_estimator_fn(name), fn) for name, fn in ESTIMATORS.items()]
+    estimators = {**ESTIMATORS, **BRANCH_ESTIMATORS}
+    return [("advantage estimator", name, get_adv_estimator_fn(name), fn) for name, fn in estimators.items()]
 
 
 def _register_losses() -> list[Check]:

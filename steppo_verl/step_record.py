@@ -32,7 +32,13 @@ class StepRecord:
 
 
 class StepAgentLoopOutput(AgentLoopOutput):
-    """verl's agent-loop output plus the step record; ``as_dict`` adds the tensor fields."""
+    """verl's agent-loop output plus the step record; ``as_dict`` adds the tensor fields.
+
+    ``path_id``, ``parent_id``, ``branch_position``: the row's place among the trajectories one sample
+    returns with branching rollouts (:mod:`steppo_verl.branching`): its path within the sample, the
+    path it branched from (-1: a whole rollout) and the response token where it departs from that
+    parent (-1 for a whole rollout). A loop without branching leaves the defaults, one whole rollout.
+    """
 
     step_ids: list[int]
     env_rewards: list[float]
@@ -40,9 +46,17 @@ class StepAgentLoopOutput(AgentLoopOutput):
     truncated: bool
     bootstrap_index: int
     ending: int
+    path_id: int = 0
+    parent_id: int = -1
+    branch_position: int = -1
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
+        # Read from the model, not the dump: verl dumps only the fields that were set, and every row of a
+        # batch must carry the same keys.
+        for name in ("path_id", "parent_id", "branch_position"):
+            output.pop(name, None)
+            output[name] = torch.tensor(getattr(self, name), dtype=torch.int64)
         output["step_ids"] = torch.tensor(output.pop("step_ids"), dtype=torch.int64)
         output["env_rewards"] = torch.tensor(output.pop("env_rewards"), dtype=torch.float32)
         output["step_keys"] = torch.tensor(output.pop("step_keys"), dtype=torch.int64)

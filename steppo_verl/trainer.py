@@ -34,10 +34,20 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.import_utils import resolve_config_path
 
-from steppo_verl.advantage import ESTIMATORS, algorithm_option
+from steppo_verl.advantage import ESTIMATORS as STEP_ESTIMATORS
+from steppo_verl.advantage import algorithm_option
+from steppo_verl.branch_worker import MANAGER_CLASS as BRANCH_MANAGER_CLASS
+from steppo_verl.branching import (
+    BRANCH_ESTIMATORS,
+    BRANCH_FIELDS,
+    LOSS_MASKS,
+    BranchingConfig,
+    arpo_attribution,
+    check_rollout_n_for_branching,
+)
 from steppo_verl.endings import Ending
 from steppo_verl.env_loop import ENV_AGENT, EnvAgentLoop
-from steppo_verl.loss import clip_range, step_start_value_loss
+from steppo_verl.loss import ACTION_CLIP_MODES, clip_range, step_start_value_loss
 from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_records, rows_to_dump
 from steppo_verl.metrics import observed_returns, state_mean_returns, step_metrics
 from steppo_verl.protocol import (
@@ -72,6 +82,8 @@ STEP_FIELDS = {
 }
 # The agent loops that record step fields (steppo_verl.agent_loop, steppo_verl.env_loop).
 STEP_AGENTS = ("steppo_agent", ENV_AGENT)
+# Every estimator this plugin registers; each is called through compute_step_advantages.
+ESTIMATORS = {**STEP_ESTIMATORS, **BRANCH_ESTIMATORS}
 
 
 @dataclass
@@ -79,6 +91,7 @@ class _StepBatch:
     fields: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
     dump: Callable[[TrajectoryBatch], Any] | None = None  # writes the per-step records of this batch
+    response_mask: torch.Tensor | None = None  # [B, L] the mask the actor trains with, where an estimator changes it
 
 
 # The StepPO trainer hands the step fields of the batch being processed to the estimator call
@@ -134,6 +147,27 @@ def _target_is_env_loop(entry: DictConfig, path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, EnvAgentLoop)
 
 
+def _check_branching(config: DictConfig, names: set[str]) -> None:
+    """Branching rollouts (a ``branching`` block in the agent-loop yaml of a training loop) need
+    ``rollout.n=1`` and the agent-loop manager that scores every branch on its own; ``arpo`` needs a
+    known attribution."""
+    if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
+        arpo_attribution(config.algorithm)
+    path = config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path")
+    entries = OmegaConf.load(resolve_config_path(path)) if path else []
+    branching = sorted(e.name for e in entries if e.name in names and BranchingConfig.from_options(e.get("branching")))
+    if not branching:
+        return
+    check_rollout_n_for_branching(config.actor_rollout_ref.rollout.n)
+    manager = config.actor_rollout_ref.rollout.agent.get("agent_loop_manager_class")
+    if manager != BRANCH_MANAGER_CLASS:
+        raise ValueError(
+            f"agent loops {branching} branch their rollouts (a branching block in {path}), and verl's agent-loop "
+            f"manager ({manager or 'the default'}) would give every branch of a sample the last one's reward: set "
+            f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={BRANCH_MANAGER_CLASS}"
+        )
+
+
 VALUE_LOSS_POSITIONS = ("tokens", "step_starts")
 
 
@@ -172,12 +206,14 @@ def with_state_returns(
 
 def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
     """A GSPO-scale clip (steppo_trainer.yaml's default, for the step loss's geometric-mean ratio) would
-    freeze a token-level loss after its first update: refuse it with what to set."""
+    freeze a loss that clips token ratios or whole-step ratios after its first update: refuse it with what
+    to set."""
     loss_mode = actor.policy_loss.loss_mode
     bounds = clip_range(actor)
-    if not loss_mode.startswith("steppo") and loss_mode != "gspo" and min(bounds) < 0.01:
+    per_geometric_mean = (loss_mode.startswith("steppo") and loss_mode not in ACTION_CLIP_MODES) or loss_mode == "gspo"
+    if not per_geometric_mean and min(bounds) < 0.01:
         raise ValueError(
-            f"actor.policy_loss.loss_mode={loss_mode} clips token ratios, but the clip range {bounds} is "
+            f"actor.policy_loss.loss_mode={loss_mode} clips token or whole-step ratios, but the clip range {bounds} is "
             "GSPO-scale (meant for the step loss's geometric-mean ratio): set actor_rollout_ref.actor."
             "clip_ratio_low=0.2 and clip_ratio_high=0.2 (recipe/steppo/common.sh: TOKEN_LOSS)"
         )
@@ -206,6 +242,7 @@ def validate_steppo_config(config: DictConfig) -> None:
         if not config.critic.model.get("path"):
             raise ValueError("algorithm.adv_estimator=steppo: critic.model.path is empty; set it to the critic model")
     names = _training_agent_loops(config)
+    _check_branching(config, names)
     env_loops = names & _environment_loop_names(config)
     if estimator not in ESTIMATORS and env_loops:
         # verl's own estimators read only the outcome score; an environment's rewards travel as env_rewards.
@@ -344,8 +381,12 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
         step_ids=step_ids,
         bootstrap_values=last_values,
         step_keys=step_keys,
+        branches=_branch_fields(fields),
     )
     batch["advantages"], batch["returns"] = advantages, returns
+    if current is not None and adv_estimator in LOSS_MASKS:
+        index, branches = data.non_tensor_batch.get("uid"), _branch_fields(fields)
+        current.response_mask = LOSS_MASKS[adv_estimator](rewards, response_mask, config, index, branches)
     endings = [Ending.from_code(c).value for c in fields["ending"].tolist()] if "ending" in fields else None
     if current is not None:
         current.metrics.update(
@@ -376,6 +417,40 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
             )
         )
     return data
+
+
+def _branch_fields(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The rows' lineage (:data:`BRANCH_FIELDS`), ``responses`` and ``is_padding``, where the trainer fetched them."""
+    names = (*BRANCH_FIELDS, "responses", "is_padding")
+    return {name: fields[name] for name in names if name in fields} if BRANCH_FIELDS[0] in fields else None
+
+
+def _branch_lineage(fetched: Any, tags: list[dict]) -> dict[str, torch.Tensor]:
+    """The rows' :data:`BRANCH_FIELDS` ``[B]`` and ``is_padding`` ``[B]`` (verl's filler rows, from their tags)."""
+    missing = [name for name in BRANCH_FIELDS if name not in fetched.keys()]
+    if missing:
+        raise ValueError(
+            f"adv_estimator=arpo reads each row's {list(BRANCH_FIELDS)}, and the batch has no {missing}: run "
+            "steppo_agent (with a branching block in the agent-loop yaml for ARPO's rollouts)"
+        )
+    lineage = {name: fetched[name].reshape(-1).long() for name in BRANCH_FIELDS}
+    lineage["is_padding"] = torch.tensor([bool(tag.get("is_padding", False)) for tag in tags])
+    return lineage
+
+
+def _store_response_mask(batch: Any, response_mask: torch.Tensor, lengths: torch.Tensor) -> Any:
+    """Write ``response_mask`` ``[B, L]`` back to TransferQueue as the mask the actor trains with.
+
+    The one place an estimator's loss weights reach the actor: verl's loss reads ``response_mask`` (and the
+    ``loss_mask`` it derives from it) from TransferQueue, where verl's own rollout correction rewrites it too.
+    """
+    import transfer_queue as tq
+    from tensordict import TensorDict
+
+    rows = [response_mask[i, : int(n)] for i, n in enumerate(lengths.tolist())]
+    nested = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+    fields = TensorDict({"response_mask": nested}, batch_size=len(rows))
+    return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=fields)
 
 
 def install_compute_advantage_hook() -> None:
@@ -453,11 +528,15 @@ class StepPOTrainer(PPOTrainerSync):
         if self.config.algorithm.adv_estimator not in ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
         dump = self._dump_for_this_step(len(batch.keys))
-        fields = self._fetch_step_fields(batch, with_responses=dump is not None)
+        branched = self.config.algorithm.adv_estimator in BRANCH_ESTIMATORS
+        fields = self._fetch_step_fields(batch, with_responses=dump is not None or branched, with_branches=branched)
         token = _CURRENT_BATCH.set(_StepBatch(fields, dump=dump))
         try:
             result = super()._compute_advantage(batch, metrics)
-            metrics.update(_CURRENT_BATCH.get().metrics)
+            current = _CURRENT_BATCH.get()
+            metrics.update(current.metrics)
+            if current.response_mask is not None:
+                result = _store_response_mask(result, current.response_mask, fields["response_length"])
         finally:
             _CURRENT_BATCH.reset(token)
         return result
@@ -477,15 +556,19 @@ class StepPOTrainer(PPOTrainerSync):
             max_observation_chars=options.get("max_observation_chars", 1000),
             clip_ratio_low=actor.get("clip_ratio_low") or actor.clip_ratio,
             clip_ratio_high=actor.get("clip_ratio_high") or actor.clip_ratio,
+            per_action_clip=actor.policy_loss.loss_mode in ACTION_CLIP_MODES,
         )
         return functools.partial(
             dump_step_records, tokenizer=self.tokenizer, training_step=self.global_steps, config=config
         )
 
-    def _fetch_step_fields(self, batch, with_responses: bool = False) -> dict[str, torch.Tensor]:
+    def _fetch_step_fields(
+        self, batch, with_responses: bool = False, with_branches: bool = False
+    ) -> dict[str, torch.Tensor]:
         import transfer_queue as tq
 
         wanted = [*STEP_FIELDS, "response_mask"] + (["responses"] if with_responses else [])
+        wanted += list(BRANCH_FIELDS) if with_branches else []
         fetched = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=wanted)
         missing = [name for name in STEP_FIELDS if name not in fetched.keys()]
         explicit = algorithm_option(self.config.algorithm, "steppo.step_ids", "agent_loop") == "agent_loop"
@@ -496,6 +579,8 @@ class StepPOTrainer(PPOTrainerSync):
                 "+algorithm.steppo.step_ids=mask"
             )
         fields = padded_step_fields(fetched)
+        if with_branches:
+            fields.update(_branch_lineage(fetched, batch.tags))
         if with_responses:
             responses = fetched["responses"]
             pad = self.tokenizer.pad_token_id or 0

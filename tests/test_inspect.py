@@ -35,10 +35,12 @@ from steppo_verl.inspect.records import (
     dump_step_records,
     read_step_records,
     rows_to_dump,
+    step_ratios,
     step_records,
     write_step_records,
 )
 from steppo_verl.inspect.report import build_report, render_report, trajectories
+from steppo_verl.protocol import locate_steps
 from steppo_verl.trainer import bootstrap_values
 
 pytestmark = pytest.mark.timeout(600)
@@ -194,6 +196,18 @@ def test_records_carry_the_estimators_numbers_at_step_starts(episodes, batch, re
     # The outcome score lands on the last step and every tool call earned its reward on its step.
     assert [r["reward"] for r in by_row[0]] == pytest.approx([0.25, 0.25, 1.0])
     assert [r["env_reward"] for r in by_row[2]] == pytest.approx([0.25, 0.25])
+
+
+def test_clipped_column_follows_the_whole_step_clip_of_steppo_action_clip():
+    # One 4-token step whose tokens moved by exp(0.06) each: geometric mean 1.06 (inside 1.2), product 1.27.
+    mask = torch.tensor([[1, 1, 1, 1, 0]], dtype=torch.bool)
+    old = torch.zeros(1, 5)
+    new = torch.full((1, 5), 0.06)
+    steps = locate_steps(mask)
+    advantage = torch.ones(1, 1, dtype=torch.float64)
+    _, geometric = step_ratios(old, new, advantage, steps, 0.2, 0.2)
+    _, whole = step_ratios(old, new, advantage, steps, 0.2, 0.2, per_action_clip=True)
+    assert geometric.tolist() == [[False]] and whole.tolist() == [[True]]
 
 
 def test_record_texts_are_what_the_model_generated_and_the_tool_returned(episodes, records, tokenizer):

@@ -10,7 +10,14 @@ from verl.trainer.ppo.core_algos import compute_policy_loss_gspo, get_policy_los
 from verl.workers.config.actor import FSDPActorConfig, PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
-from steppo_verl.loss import compute_policy_loss_steppo, compute_policy_loss_steppo_step_mean, step_start_value_loss
+from steppo_verl.loss import (
+    compute_policy_loss_steppo,
+    compute_policy_loss_steppo_action_clip,
+    compute_policy_loss_steppo_step_mean,
+    step_clip_bounds,
+    step_start_value_loss,
+)
+from steppo_verl.protocol import locate_steps
 
 
 def actor_config(clip=0.2, loss_mode="steppo", loss_agg_mode="token-mean", clip_ratio_c=3.0):
@@ -182,6 +189,60 @@ def test_step_mean_weighs_every_step_once():
 
 def test_step_mean_is_registered_with_verl():
     assert get_policy_loss_fn("steppo_step_mean") is compute_policy_loss_steppo_step_mean
+
+
+def test_action_clip_bounds_the_whole_step_ratio():
+    mask, old, new, adv = two_rows()
+    new = new.clone().requires_grad_(True)
+    loss, metrics = compute_policy_loss_steppo_action_clip(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    # Step 0 of row 0: product ratio exp(0.30) = 1.35 > 1.2 with A = +1 -> clipped at 1.2 ** (1/3) per token.
+    # Step 1 of row 0: one token, ratio exp(0.05) inside [0.8, 1.2], A = -2. Row 1: product exp(-0.6) = 0.55 < 0.8
+    # with A = -1 -> clipped at 0.8 ** (1/2).
+    token_losses = [-1.0 * 1.2 ** (1 / 3)] * 3 + [2.0 * math.exp(0.05)] + [1.0 * 0.8 ** (1 / 2)] * 2
+    assert loss.item() == pytest.approx(sum(token_losses) / 6, rel=1e-6)
+    assert metrics["actor/step_clipfrac"] == pytest.approx(2 / 3)
+    loss.backward()
+    assert torch.all(new.grad[0, :3] == 0) and torch.all(new.grad[1, :2] == 0), "clipped steps get no gradient"
+    assert new.grad[0, 5] != 0
+    # The geometric-mean loss leaves step 0 unclipped: its mean ratio 1.105 is inside [0.8, 1.2].
+    _, geometric = compute_policy_loss_steppo(old, new.detach(), adv, mask, "token-mean", actor_config(clip=0.2))
+    assert geometric["actor/step_clipfrac"] == pytest.approx(1 / 3)
+
+
+def test_action_clip_bounds_one_moved_token_as_the_token_loss_does():
+    # A 6-token call whose one decision token moved by 1.5x (the others are fixed format): the token loss
+    # clips that token, the geometric-mean bound does not (1.5 ** (1/6) = 1.07), the whole-step bound does.
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    old = torch.full((1, 6), -0.01)
+    new = old.clone()
+    new[0, 2] += math.log(1.5)
+    adv = torch.ones(1, 6)
+    _, token = get_policy_loss_fn("vanilla")(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    _, geometric = compute_policy_loss_steppo(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    _, whole = compute_policy_loss_steppo_action_clip(old, new, adv, mask, "token-mean", actor_config(clip=0.2))
+    assert token["actor/pg_clipfrac"] > 0
+    assert geometric["actor/step_clipfrac"] == 0
+    assert whole["actor/step_clipfrac"] == 1
+
+
+def test_action_clip_bounds_per_step_length():
+    steps = locate_steps(torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool))
+    lower, upper = step_clip_bounds(steps, 0.2, 0.28, per_action=True)
+    torch.testing.assert_close(upper[steps.step_mask], torch.tensor([1.28 ** (1 / 3), 1.28, 1.28 ** (1 / 5)]))
+    torch.testing.assert_close(lower[steps.step_mask], torch.tensor([0.8 ** (1 / 3), 0.8, 0.8 ** (1 / 5)]))
+    lower, upper = step_clip_bounds(steps, 0.2, 0.28, per_action=False)
+    assert torch.all(upper == 1.28) and torch.all(lower == 0.8)
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 0.2), (-0.1, 0.2), (0.2, -0.1)])
+def test_a_clip_range_that_cannot_bound_a_ratio_is_refused(low, high):
+    steps = locate_steps(two_rows()[0])
+    with pytest.raises(ValueError, match="clip range must satisfy"):
+        step_clip_bounds(steps, low, high, per_action=True)
+
+
+def test_action_clip_is_registered_with_verl():
+    assert get_policy_loss_fn("steppo_action_clip") is compute_policy_loss_steppo_action_clip
 
 
 # ----------------------------------------------------------------------------- step-start value loss

@@ -477,7 +477,12 @@ def test_token_loss_with_a_gspo_scale_clip_fails_at_start_up():
     )
     with pytest.raises(ValueError, match="clip_ratio_low=0.2 and clip_ratio_high=0.2"):
         validate_steppo_config(config)
-    for loss_mode in ("steppo", "steppo_step_mean", "gspo"):  # ratio-per-sequence/step losses: fine
+    with pytest.raises(ValueError, match="clips token or whole-step ratios"):  # the whole step's ratio
+        validate_steppo_config(verl_config(
+            "algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",
+            "actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4",
+        ))
+    for loss_mode in ("steppo", "steppo_step_mean", "gspo"):  # geometric-mean ratio losses: fine
         validate_steppo_config(verl_config(
             "algorithm.adv_estimator=grpo", f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode}",
             "actor_rollout_ref.actor.clip_ratio_low=3e-4", "actor_rollout_ref.actor.clip_ratio_high=4e-4",

@@ -98,6 +98,17 @@ def test_the_tool_keeps_each_trajectorys_position_across_calls(tool):
     assert tool._create_kwargs == {}, "released instances leave nothing behind"
 
 
+def test_a_branch_continues_from_its_parents_room_and_moves_on_its_own(tool):
+    kwargs = {"rooms": ROOMS, "doors": DOORS, "code": "navy"}
+    parent, child = Trajectory(), Trajectory()
+    assert open_door(tool, parent, {"door": "red"}, kwargs)[0].text == "You are in room birch."
+    tool.on_branch(parent, child)
+    assert open_door(tool, child, {"door": "blue"}, kwargs)[0].text == "You are in room cedar."
+    # The parent is still in room birch: the branch moved a copy.
+    assert open_door(tool, parent, {"door": "red"}, kwargs)[0].text == "Dead end."
+    tool.on_branch(Trajectory(), Trajectory())  # a parent that never called the tool: nothing to copy
+
+
 @pytest.mark.parametrize("parameters", [{}, {"door": "green"}, {"door": ["red"]}, "red", None])
 def test_unusable_arguments_are_explained_and_do_not_move_the_trajectory(tool, parameters):
     kwargs = {"rooms": ROOMS, "doors": DOORS, "code": "navy"}

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from steppo_verl.loss import clip_binds
+from steppo_verl.loss import clip_binds, step_clip_bounds
 from steppo_verl.protocol import Steps, gather_at_step_starts, locate_steps, step_means, step_rewards, step_sums
 
 __all__ = [
@@ -133,6 +133,7 @@ class DumpConfig:
         max_trajectories: the first this many trajectories of the batch are dumped.
         max_observation_chars: observations longer than this are shortened (with "…").
         clip_ratio_low, clip_ratio_high: the policy loss's clip range, for ``clipped``.
+        per_action_clip: the range bounds each step's whole ratio (``loss_mode=steppo_action_clip``).
         jsonl: also write a JSONL copy next to the parquet file.
     """
 
@@ -142,6 +143,7 @@ class DumpConfig:
     max_observation_chars: int = 1000
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
+    per_action_clip: bool = False
     jsonl: bool = False
 
 
@@ -155,6 +157,7 @@ def step_ratios(
     steps: Steps,
     clip_ratio_low: float,
     clip_ratio_high: float,
+    per_action_clip: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each step's importance ratio and whether the PPO clip binds on it, as the steppo loss has it.
 
@@ -165,11 +168,12 @@ def step_ratios(
 
     Returns:
         ``[B, K]`` ratio ``exp(mean_{t in k} log pi - log pi_old)`` and ``[B, K]`` bool clipped:
-        above ``1 + high`` with A_k > 0 or below ``1 - low`` with A_k < 0 (the side where the clip
-        removes the gradient).
+        above the upper bound with A_k > 0 or below the lower bound with A_k < 0 (the side where the clip
+        removes the gradient); bounds from :func:`steppo_verl.loss.step_clip_bounds`.
     """
     ratio = torch.exp(step_means((log_probs - old_log_probs).double(), steps))
-    return ratio, clip_binds(ratio, step_advantages, clip_ratio_low, clip_ratio_high) & steps.step_mask
+    lower, upper = step_clip_bounds(steps, clip_ratio_low, clip_ratio_high, per_action_clip, ratio.dtype)
+    return ratio, clip_binds(ratio, step_advantages, lower, upper) & steps.step_mask
 
 
 def _spans(steps: Steps, response_length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +196,8 @@ def _per_step_columns(batch: TrajectoryBatch, config: DumpConfig) -> dict[str, t
     ratio = clipped = None
     if batch.old_log_probs is not None and batch.log_probs is not None:
         ratio, clipped = step_ratios(
-            batch.old_log_probs, batch.log_probs, advantages, steps, config.clip_ratio_low, config.clip_ratio_high
+            batch.old_log_probs, batch.log_probs, advantages, steps, config.clip_ratio_low, config.clip_ratio_high,
+            config.per_action_clip,
         )
     batch_size, length = batch.responses.shape
     response_length = batch.response_length if batch.response_length is not None else torch.full((batch_size,), length)

@@ -4,7 +4,8 @@ vault environment (:class:`steppo_verl.tasks.vault.env.VaultEnv`), whose observa
 In each room the model opens one door, ``{"door": "red"}``. The path (rooms, right doors, code) comes with each
 dataset row as the tool's ``create_kwargs``; verl creates and releases a tool instance around every single call,
 so each trajectory's environment is kept keyed by verl's ``AgentData`` (weakly: the entry goes with the
-trajectory). The environment agent loop needs no such key: it holds one :class:`VaultEnv` per trajectory.
+trajectory; a branch of a branching rollout gets a copy of its parent's, ``on_branch``). The environment agent
+loop needs no such key: it holds one :class:`VaultEnv` per trajectory.
 
 ``execute`` never raises: arguments it cannot use come back as an observation saying what is wrong, and
 the position does not change. Every call's reward is 0; the outcome reward is the QA reward on the code.
@@ -12,6 +13,7 @@ the position does not change. Every call's reward is 0; the outcome reward is th
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -76,6 +78,12 @@ class VaultTool(BaseTool):
         env.reset(self._create_kwargs.get(instance_id, {}))
         self._envs[agent_data] = env
         return env
+
+    def on_branch(self, parent_agent_data: Any, child_agent_data: Any) -> None:
+        """A branch of steppo_agent's branching rollouts continues from a copy of its parent's position."""
+        env = self._envs.get(parent_agent_data)
+        if env is not None:
+            self._envs[child_agent_data] = copy.deepcopy(env)
 
     async def release(self, instance_id: str, **kwargs: Any) -> None:
         self._create_kwargs.pop(instance_id, None)

@@ -1,0 +1,60 @@
+"""verl's TransferQueue agent-loop worker and manager, scoring every trajectory of a multi-output sample.
+
+An agent loop may return a list of outputs from one sample (verl 0.9.1's v1 path,
+``verl/trainer/ppo/v1/agent_loop_tq.py``, ``AgentLoopWorkerTQ._agent_loop_postprocess``), and
+``steppo_agent`` does with branching rollouts (:mod:`steppo_verl.branching`): one row per trajectory.
+verl's worker scores only the last output of such a list (its reward manager reads ``data[-1:]``) and
+copies that score and its ``reward_extra_info`` onto the others, which is right for a list of turns of
+one trajectory but would give every branch of a prompt the same reward and so no GRPO signal at all.
+
+:class:`BranchScoringWorker` hands verl's post-processing one output at a time instead, each under its
+own session id, so each is scored (and stored in TransferQueue) on its own. Select it with
+``actor_rollout_ref.rollout.agent.agent_loop_manager_class=steppo_verl.branch_worker.BranchAgentLoopManager``
+(the StepPO trainer refuses branching rollouts without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+
+__all__ = ["MANAGER_CLASS", "BranchAgentLoopManager", "BranchScoringWorker"]
+
+MANAGER_CLASS = "steppo_verl.branch_worker.BranchAgentLoopManager"
+
+# verl decorates its worker with @ray.remote, and Ray forbids subclassing the actor class it makes.
+_VerlWorker = AgentLoopWorkerTQ.__ray_actor_class__
+
+
+class BranchScoringWorker(_VerlWorker):
+    """verl's TransferQueue agent-loop worker; a list of outputs is post-processed output by output."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Needed, though it only delegates: without an __init__ of its own, the Ray actor fails in verl's
+        # AgentLoopWorkerTQ.__init__ ("super(type, obj): obj must be an instance or subtype of type"; Ray 2.60,
+        # tests/test_branch_worker.py starts one). verl's module name holds Ray's actor class, not the class.
+        super().__init__(*args, **kwargs)
+
+    async def _agent_loop_postprocess(self, output: Any, validate: bool, **kwargs: Any) -> None:
+        if not isinstance(output, list):
+            return await super()._agent_loop_postprocess(output, validate, **kwargs)
+        # Session ids become TransferQueue keys {uid}_{session}_0: a sample's n sessions each return the same
+        # number of outputs (branching fills its budget exactly), so these ids are distinct across them.
+        sessions = [kwargs["session_id"] * len(output) + i for i in range(len(output))]
+        await asyncio.gather(
+            *(
+                super(BranchScoringWorker, self)._agent_loop_postprocess(one, validate, **{**kwargs, "session_id": s})
+                for one, s in zip(output, sessions)
+            )
+        )
+
+
+class BranchAgentLoopManager(AgentLoopManagerTQ):
+    """verl's TransferQueue agent-loop manager with :class:`BranchScoringWorker` workers."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.agent_loop_workers_class = ray.remote(BranchScoringWorker)

@@ -1,0 +1,203 @@
+"""The ``arpo`` estimator on branched rows from ``steppo_agent``: against plain loops, through verl's registry,
+through the StepPO trainer and TransferQueue, and its start-up checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from test_agent_loop import PROMPT, EchoSearch, make_loop
+from test_agent_loop_branching import TurnServer
+from test_trainer import transfer_queue, trainer_with, verl_config  # noqa: F401  (transfer_queue is a fixture)
+from transfer_queue import KVBatchMeta
+from verl.trainer.ppo.core_algos import get_adv_estimator_fn
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+from steppo_verl.branch_worker import MANAGER_CLASS
+from steppo_verl.branching import arpo_estimator
+from steppo_verl.dev.tiny_model import build_tiny_tokenizer
+from steppo_verl.trainer import validate_steppo_config
+
+BRANCHING = dict(initial_rollouts=2, total_rollouts=5, beam=2, entropy_window=3, top_k=2)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    """Two prompts' branched rollouts (5 rows each), with an outcome score per row."""
+    tokenizer = build_tiny_tokenizer()
+
+    async def sample(index):
+        server = TurnServer(tokenizer, probs=[0.9, 0.6, 0.9])
+        loop = make_loop(tokenizer, server, [EchoSearch(reward=0.0)], branching=BRANCHING)
+        return await loop.run({}, raw_prompt=PROMPT, extra_info={}, index=index, global_steps=1, session_id=0)
+
+    outputs = [o for index in (0, 1) for o in asyncio.run(sample(index))]
+    assert any(o.parent_id >= 0 for o in outputs), "the fixture must branch"
+    scores = torch.Generator().manual_seed(1)
+    for output in outputs:
+        output.reward_score = float(torch.randint(0, 3, (1,), generator=scores))
+    return outputs, ["p0"] * 5 + ["p1"] * 5
+
+
+def padded(outputs, name, pad=0):
+    return torch.nested.as_nested_tensor(
+        [torch.tensor(getattr(o, name)) for o in outputs], layout=torch.jagged
+    ).to_padded_tensor(pad)
+
+
+def batch_of(outputs):
+    mask = padded(outputs, "response_mask")
+    rewards = torch.zeros(mask.shape)
+    lengths = mask.new_tensor([len(o.response_mask) for o in outputs])
+    rewards[torch.arange(len(outputs)), lengths - 1] = torch.tensor([o.reward_score for o in outputs])
+    branches = {
+        "path_id": torch.tensor([o.path_id for o in outputs]),
+        "parent_id": torch.tensor([o.parent_id for o in outputs]),
+        "branch_position": torch.tensor([o.branch_position for o in outputs]),
+        "responses": padded(outputs, "response_ids"),
+    }
+    return rewards, mask, branches
+
+
+def grpo_by_hand(scores, uids):
+    """Plain loop: each row's (score - mean) / (std + eps) over its prompt's rows."""
+    out = []
+    for score, uid in zip(scores, uids):
+        group = torch.tensor([s for s, u in zip(scores, uids) if u == uid], dtype=torch.float64)
+        out.append((score - group.mean()) / (group.std() + 1e-6) if len(group) > 1 else score)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def owner_by_hand(outputs, uids, row, position):
+    """The row that generated ``position`` of ``row``'s response: follow parents while it lies before the branch."""
+    while outputs[row].parent_id >= 0 and position < outputs[row].branch_position:
+        row = next(r for r, o in enumerate(outputs) if uids[r] == uids[row] and o.path_id == outputs[row].parent_id)
+    return row
+
+
+def test_arpo_soft_is_grpo_over_every_rollout_of_a_prompt(rows):
+    outputs, uids = rows
+    rewards, mask, branches = batch_of(outputs)
+    estimator = get_adv_estimator_fn("arpo")
+    assert estimator is arpo_estimator
+    advantages, returns = estimator(rewards, mask, config={"arpo": {"attribution": "soft"}}, index=np.array(uids),
+                                    branches=branches)
+    expected = grpo_by_hand([o.reward_score for o in outputs], uids)[:, None] * mask
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, advantages)
+
+
+def test_arpo_hard_gives_a_shared_token_its_holders_mean_once(rows):
+    outputs, uids = rows
+    rewards, mask, branches = batch_of(outputs)
+    config = {"arpo": {"attribution": "hard"}}
+    advantages, _ = arpo_estimator(rewards, mask, config=config, index=np.array(uids), branches=branches)
+    from steppo_verl.branching import arpo_loss_mask
+
+    weights = arpo_loss_mask(rewards, mask, config=config, index=np.array(uids), branches=branches)
+    scores = grpo_by_hand([o.reward_score for o in outputs], uids)
+    for b, output in enumerate(outputs):
+        for t in range(len(output.response_mask)):
+            owner = owner_by_hand(outputs, uids, b, t)
+            holders = [r for r in range(len(outputs)) if t < len(outputs[r].response_mask)
+                       and owner_by_hand(outputs, uids, r, t) == owner]
+            expected = float(scores[holders].mean()) * output.response_mask[t]
+            assert float(advantages[b, t]) == pytest.approx(expected, abs=1e-5), (b, t)
+            assert int(weights[b, t]) == int(owner == b) * output.response_mask[t]
+    # Each branch's copied prefix is trained only in its parent.
+    for b, output in enumerate(outputs):
+        if output.parent_id >= 0:
+            assert int(weights[b, : output.branch_position].sum()) == 0
+            own = output.response_mask[output.branch_position :]
+            assert int(weights[b, output.branch_position :].sum()) == sum(own)
+
+
+def test_verls_filler_rows_copying_a_branch_do_not_break_the_tree(rows):
+    outputs, uids = rows
+    rewards, mask, branches = batch_of(outputs)
+    config = {"arpo": {"attribution": "hard"}}
+    clean, _ = arpo_estimator(rewards, mask, config=config, index=np.array(uids), branches=branches)
+    # verl pads a batch with copies of a real row (here a branch) under one fresh uid, response masked.
+    filler = {name: torch.cat([value, value[[2, 2]]]) for name, value in branches.items()}
+    filler["is_padding"] = torch.tensor([False] * len(outputs) + [True, True])
+    padded_mask = torch.cat([mask, torch.zeros_like(mask[:2])])
+    padded_rewards = torch.cat([rewards, torch.zeros_like(rewards[:2])])
+    index = np.array(uids + ["pad1", "pad1"])
+    advantages, _ = arpo_estimator(padded_rewards, padded_mask, config=config, index=index, branches=filler)
+    torch.testing.assert_close(advantages[: len(outputs)], clean)
+    assert advantages[len(outputs):].abs().sum() == 0
+
+
+def test_arpo_without_branch_fields_says_where_they_come_from():
+    with pytest.raises(ValueError, match="branch fields.*StepPO trainer"):
+        arpo_estimator(torch.zeros(2, 3), torch.ones(2, 3), config={}, index=np.array(["a", "a"]))
+
+
+def test_unknown_arpo_attribution_is_refused(rows):
+    outputs, uids = rows
+    rewards, mask, branches = batch_of(outputs)
+    with pytest.raises(ValueError, match=r"attribution must be one of \('soft', 'hard'\), got 'mean'"):
+        arpo_estimator(rewards, mask, config={"arpo": {"attribution": "mean"}}, index=np.array(uids), branches=branches)
+
+
+def test_trainer_hard_arpo_stores_advantages_and_the_actors_mask(transfer_queue, rows):  # noqa: F811
+    outputs, uids = rows
+    keys, samples = [], []
+    for output, uid in zip(outputs, uids):
+        sample = output.as_dict()
+        sample["uid"] = uid
+        sample["old_log_probs"] = sample["rollout_log_probs"].clone()
+        keys.append(f"{uid}_{output.path_id}_0")
+        samples.append(sample)
+    transfer_queue.kv_batch_put(keys=keys, partition_id="train", fields=list_of_dict_to_tensordict(samples))
+    batch = KVBatchMeta(keys=keys, tags=[{}] * len(keys), partition_id="train")
+    config = verl_config("algorithm.adv_estimator=arpo", "+algorithm.arpo.attribution=hard")
+    trainer_with(config, tokenizer=build_tiny_tokenizer())._compute_advantage(batch, {})
+    stored = transfer_queue.kv_batch_get(keys=keys, partition_id="train", select_fields=["advantages", "response_mask"])
+
+    rewards, mask, branches = batch_of(outputs)
+    expected, _ = arpo_estimator(rewards, mask, config={"arpo": {"attribution": "hard"}}, index=np.array(uids),
+                                 branches=branches)
+    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), expected)
+    stored_mask = stored["response_mask"].to_padded_tensor(0)
+    for b, output in enumerate(outputs):
+        start = output.branch_position if output.parent_id >= 0 else 0
+        assert int(stored_mask[b, :start].sum()) == 0
+        assert stored_mask[b, start : len(output.response_mask)].tolist() == output.response_mask[start:]
+
+
+def branching_config(tmp_path, *overrides):
+    loops = tmp_path / "loops.yaml"
+    loops.write_text("- name: steppo_agent\n  _target_: steppo_verl.agent_loop.StepAgentLoop\n"
+                     "  branching: {initial_rollouts: 2, total_rollouts: 4}\n")
+    return verl_config("algorithm.adv_estimator=arpo", "data.train_files=[]",
+                       "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent",
+                       f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}", *overrides)
+
+
+def test_branching_with_rollout_n_above_one_fails_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match=r"rollout.n=1 \(it is 4\)"):
+        validate_steppo_config(branching_config(tmp_path, "actor_rollout_ref.rollout.n=4"))
+
+
+def test_branching_with_verls_agent_loop_manager_fails_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match=f"last one's reward.*agent_loop_manager_class={MANAGER_CLASS}"):
+        validate_steppo_config(branching_config(tmp_path, "actor_rollout_ref.rollout.n=1"))
+    manager = f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}"
+    validate_steppo_config(branching_config(tmp_path, "actor_rollout_ref.rollout.n=1", manager))
+
+
+def test_arpo_with_an_unknown_attribution_fails_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="algorithm.arpo.attribution"):
+        validate_steppo_config(verl_config("algorithm.adv_estimator=arpo", "data.train_files=[]",
+                                           "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent",
+                                           "+algorithm.arpo.attribution=half"))
+
+
+def test_arpo_is_registered_and_checked_by_the_plugin():
+    from steppo_verl.registration import register_components
+
+    assert "advantage estimators" not in register_components()
+    assert get_adv_estimator_fn("arpo") is arpo_estimator
