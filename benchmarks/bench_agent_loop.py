@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import verl
-from bench_retrieval import make_corpus, make_queries
+from bench_retrieval import make_zipf_corpus, make_zipf_queries
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
@@ -162,9 +162,9 @@ def measure_concurrency(run_one: Callable, turn_sets, levels: list[int], repeats
 
 def small_index(directory: Path, paragraphs: int) -> list[str]:
     """Build a BM25 index of a small synthetic corpus into ``directory``; queries that match it."""
-    passages = make_corpus(paragraphs, vocabulary_size=5_000, seed=0)
+    passages = make_zipf_corpus(paragraphs, vocabulary_size=5_000, seed=0)
     BM25Index.build(passages, progress=False).save(directory)
-    return make_queries(passages, 256, seed=0)
+    return make_zipf_queries(passages, 256, seed=0)
 
 
 def embedded_search_tool(index_dir: Path) -> SearchTool:

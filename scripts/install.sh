@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install StepPO for verl on a CPU machine into a virtual environment (default: ./.venv).
 #   bash scripts/install.sh            # runtime only
-#   bash scripts/install.sh test       # plus the test dependencies
+#   bash scripts/install.sh test       # plus the test dependencies and the optional `textworld` extra,
+#                                      # so its tests (TextWorld games through verl's trainer) run
 # The order matters: torch's CPU build first, so nothing later pulls a CUDA build; then verl with
 # only its `verl-core` extra (verl's vllm/fsdp/cpu extras pin CUDA torch); then this package,
 # which never reinstalls torch or verl. On GPU nodes install into your existing verl instead:
@@ -17,7 +18,7 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" "torch==${TORCH_VERSION}"
 "${PIP[@]}" "verl[verl-core]==${VERL_VERSION}"
 if [ "${1:-}" = "test" ]; then
-  "${PIP[@]}" -e ".[test]"
+  "${PIP[@]}" -e ".[test,textworld]"
 else
   "${PIP[@]}" -e .
 fi

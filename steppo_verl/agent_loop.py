@@ -48,7 +48,10 @@ the branch copies its whole context (tokens, messages, step record) and samples 
 Each row carries ``path_id``, ``parent_id`` and ``branch_position`` (the response token where it leaves
 its parent). A tool that keeps per-trajectory state outside verl's ``AgentData`` copies it in an
 ``on_branch(parent_agent_data, child_agent_data)`` method. verl's v1 worker would give every output of
-a list the last one's reward: :mod:`steppo_verl.branch_worker` scores each on its own.
+a list the last one's reward: :mod:`steppo_verl.branch_worker` scores each on its own. Validation does
+not branch: that worker marks validation samples (:data:`~steppo_verl.branching.PLAIN_ROLLOUT`), which
+then run as one plain trajectory each, so validation measures ``val_kwargs.n`` samples of the policy as
+for any other estimator.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from verl.experimental.agent_loop.tool_parser import FunctionCall
 from verl.tools.schemas import ToolResponse
 
 from steppo_verl.branching import (
+    PLAIN_ROLLOUT,
     BranchingConfig,
     BranchPlanner,
     Path,
@@ -154,15 +158,20 @@ class StepAgentLoop(ToolAgentLoop):
     async def run(
         self, sampling_params: dict[str, Any], priority: int = 0, **kwargs
     ) -> StepAgentLoopOutput | list[StepAgentLoopOutput]:
-        if self.branching is not None:
+        sampling_params = dict(sampling_params)
+        plain = sampling_params.pop(PLAIN_ROLLOUT, False)
+        if self.branching is not None and not plain:
             return await self._run_branching(sampling_params, priority, kwargs)
-        trajectory = await self._start_trajectory(priority, kwargs)
+        trajectory = await self._start_trajectory(sampling_params, priority, kwargs)
         ending = await self._run_steps(trajectory, sampling_params)
         return self._finish(trajectory, ending)
 
-    async def _start_trajectory(self, priority: int, kwargs: dict[str, Any]) -> _Trajectory:
+    async def _start_trajectory(
+        self, sampling_params: dict[str, Any], priority: int, kwargs: dict[str, Any]
+    ) -> _Trajectory:
         """A new trajectory at the prompt (s_0), the forced first search done if configured."""
         agent_data = start_episode(self, kwargs["raw_prompt"], priority, kwargs.get("tools_kwargs", {}))
+        self._select_tools(agent_data, kwargs.get("extra_info") or {})
         if self.initial_search_tool:
             await self._search_the_question(agent_data, kwargs.get("extra_info") or {})
         # verl's generating state copies the rollout server's extra fields (global steps, ...) only into an
@@ -170,9 +179,25 @@ class StepAgentLoop(ToolAgentLoop):
         # first generation has run.
         tool_fields = dict(agent_data.extra_fields)
         agent_data.extra_fields.clear()
-        await self._handle_pending_state(agent_data, {})
+        await self._handle_pending_state(agent_data, sampling_params)
         deadline = time.monotonic() + self.max_episode_seconds if self.max_episode_seconds else None
         return _Trajectory(agent_data, [], state_key(agent_data.prompt_ids), tool_fields, deadline)
+
+    def _select_tools(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
+        """The sample's tools: ``extra_info["tool_selection"]`` (tool names) as verl's ``ToolAgentLoop.run``
+        reads it (a name the loop has no tool for is left out, as there), else all of them.
+
+        Why here: verl makes the selection in its ``run``, which this loop replaces; without it a sample's
+        selection would be ignored and the prompt would offer every tool.
+        """
+        selection = extra_info.get("tool_selection")
+        tools = {name: self.tools[name] for name in selection if name in self.tools} if selection else self.tools
+        agent_data._active_tools = tools
+        agent_data._active_tool_schemas = (
+            [tool.tool_schema.model_dump(exclude_unset=True, exclude_none=True) for tool in tools.values()]
+            if selection
+            else self.tool_schemas
+        )
 
     def _finish(self, trajectory: _Trajectory, ending: Ending) -> StepAgentLoopOutput:
         return finish_episode(
@@ -240,7 +265,7 @@ class StepAgentLoop(ToolAgentLoop):
         config = self.branching
         planner = BranchPlanner(config, random.Random(branch_seed(self.rollout_config.get("seed"), kwargs)))
         sampling_params = {**sampling_params, "top_logprobs": config.top_k}
-        starts = [self._start_trajectory(priority, kwargs) for _ in planner.paths]
+        starts = [self._start_trajectory(sampling_params, priority, kwargs) for _ in planner.paths]
         trajectories = dict(enumerate(await asyncio.gather(*starts)))
         endings: dict[int, Ending] = {}
         while not planner.done:
@@ -255,7 +280,7 @@ class StepAgentLoop(ToolAgentLoop):
                 trajectories[path.path_id] = (
                     self._branch(trajectories[path.parent_id], priority)
                     if path.parent_id >= 0
-                    else await self._start_trajectory(priority, kwargs)
+                    else await self._start_trajectory(sampling_params, priority, kwargs)
                 )
         return [self._finish_path(trajectories[p.path_id], endings[p.path_id], p) for p in planner.paths]
 

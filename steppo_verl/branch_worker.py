@@ -10,7 +10,9 @@ one trajectory but would give every branch of a prompt the same reward and so no
 :class:`BranchScoringWorker` hands verl's post-processing one output at a time instead, each under its
 own session id, so each is scored (and stored in TransferQueue) on its own. Select it with
 ``actor_rollout_ref.rollout.agent.agent_loop_manager_class=steppo_verl.branch_worker.BranchAgentLoopManager``
-(the StepPO trainer refuses branching rollouts without it).
+(the StepPO trainer refuses branching rollouts without it). It also marks validation samples
+(``branching.PLAIN_ROLLOUT``) so that validation runs plain trajectories, ``val_kwargs.n`` per prompt, as
+verl's validation counts them, instead of a branched budget per sample.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import hydra
 import ray
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+
+from steppo_verl.branching import PLAIN_ROLLOUT
 
 __all__ = ["MANAGER_CLASS", "BranchAgentLoopManager", "BranchScoringWorker"]
 
@@ -38,6 +44,11 @@ class BranchScoringWorker(_VerlWorker):
         # tests/test_branch_worker.py starts one). verl's module name holds Ray's actor class, not the class.
         super().__init__(*args, **kwargs)
 
+    async def _run_agent_loop(self, sampling_params: dict[str, Any], trajectory: dict[str, Any], **kwargs: Any):
+        if trajectory["validate"] and _branches(kwargs.get("agent_name")):
+            sampling_params = {**sampling_params, PLAIN_ROLLOUT: True}
+        return await super()._run_agent_loop(sampling_params, trajectory, **kwargs)
+
     async def _agent_loop_postprocess(self, output: Any, validate: bool, **kwargs: Any) -> None:
         if not isinstance(output, list):
             return await super()._agent_loop_postprocess(output, validate, **kwargs)
@@ -50,6 +61,20 @@ class BranchScoringWorker(_VerlWorker):
                 for one, s in zip(output, sessions)
             )
         )
+
+
+def _branches(agent_name: str | None) -> bool:
+    """Whether the named agent loop is ``steppo_agent`` or a subclass, the loops that read PLAIN_ROLLOUT; any
+    other loop would hand the key on to the rollout server as a sampling parameter."""
+    entry = _agent_loop_registry.get(agent_name)
+    if entry is None:
+        return False  # verl's worker reports an unregistered agent loop itself
+    # Imported here: the trainer imports this module, and must stay importable (and registered) when the agent
+    # loop's own imports fail (tests/test_plugin.py).
+    from steppo_verl.agent_loop import StepAgentLoop
+
+    cls = hydra.utils.get_class(entry["_target_"])
+    return issubclass(cls, StepAgentLoop)
 
 
 class BranchAgentLoopManager(AgentLoopManagerTQ):

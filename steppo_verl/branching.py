@@ -33,10 +33,14 @@ import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
 from steppo_verl.advantage import algorithm_option, episode_baseline
+from steppo_verl.protocol import Steps
 
 ATTRIBUTIONS = ("soft", "hard")
 # Per-row fields of a branched trajectory (steppo_verl.step_record.StepAgentLoopOutput), as the trainer fetches them.
 BRANCH_FIELDS = ("path_id", "parent_id", "branch_position")
+# A sampling-params key the branch worker sets on validation samples: run one plain trajectory, never branch.
+# It travels in sampling_params because that is the one argument verl's worker passes to ``run`` per call.
+PLAIN_ROLLOUT = "steppo_plain_rollout"
 
 
 @dataclass(frozen=True)
@@ -303,9 +307,25 @@ def branch_advantages(
     mask = response_mask.to(scores.dtype)
     if mode == "soft":
         return scores[:, None] * mask, mask
-    parents = parent_rows(group_ids, path_ids, parent_ids)
-    owners = token_owners(parents, branch_positions, responses, response_mask)
-    return _shared_mean(scores, owners) * mask, (owners == _rows(owners)) * mask
+    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), branch_positions, responses, response_mask)
+    return _shared_mean(scores, owners) * mask, _own_tokens(owners, mask)
+
+
+def hard_loss_weights(
+    group_ids: torch.Tensor,
+    path_ids: torch.Tensor,
+    parent_ids: torch.Tensor,
+    branch_positions: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, L]`` float, the weights of ``hard`` attribution alone (as :func:`branch_advantages` returns them),
+    from the rows' lineage: which row generated a token does not depend on the returns, so no GRPO scores
+    or shared means are computed. Arguments as :func:`branch_advantages`.
+    """
+    _check_lineage(group_ids, path_ids, parent_ids, branch_positions, responses, response_mask)
+    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), branch_positions, responses, response_mask)
+    return _own_tokens(owners, response_mask.float())
 
 
 def grpo_scores(returns: torch.Tensor, group_ids: torch.Tensor, norm_by_std: bool, epsilon: float) -> torch.Tensor:
@@ -395,12 +415,26 @@ def _shared_mean(scores: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
     return (totals.gather(0, owners) / counts.gather(0, owners)).to(scores.dtype)
 
 
+def _own_tokens(owners: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` ``mask`` where the row generated the token itself (``owners`` ``[B, L]``), 0 on copied tokens."""
+    return (owners == _rows(owners)) * mask
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """``[B, 1]`` each row's index, to compare with ``[B, L]`` owners."""
     return torch.arange(x.shape[0], device=x.device)[:, None]
 
 
 def _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, responses, response_mask) -> None:
+    _check_lineage(group_ids, path_ids, parent_ids, branch_positions, responses, response_mask)
+    if returns.shape != group_ids.shape:
+        raise ValueError(f"returns must be [B] = [{responses.shape[0]}], got {tuple(returns.shape)}")
+    non_finite = (~returns.isfinite()).nonzero()[:, 0]
+    if non_finite.numel():
+        raise ValueError(f"returns must be finite, got {float(returns[non_finite[0]])} in row {int(non_finite[0])}")
+
+
+def _check_lineage(group_ids, path_ids, parent_ids, branch_positions, responses, response_mask) -> None:
     if responses.dim() != 2 or response_mask.shape != responses.shape:
         raise ValueError(
             f"responses and response_mask must both be [B, L], got {tuple(responses.shape)} and "
@@ -408,7 +442,6 @@ def _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, res
         )
     batch, length = responses.shape
     for name, x in [
-        ("returns", returns),
         ("group_ids", group_ids),
         ("path_ids", path_ids),
         ("parent_ids", parent_ids),
@@ -416,9 +449,6 @@ def _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, res
     ]:
         if x.shape != (batch,):
             raise ValueError(f"{name} must be [B] = [{batch}], got {tuple(x.shape)}")
-    non_finite = (~returns.isfinite()).nonzero()[:, 0]
-    if non_finite.numel():
-        raise ValueError(f"returns must be finite, got {float(returns[non_finite[0]])} in row {int(non_finite[0])}")
     outside = (branch_positions < 0) | (branch_positions > length) | ((parent_ids < 0) & (branch_positions != 0))
     if outside.any():
         row = int(outside.nonzero()[0, 0])
@@ -449,6 +479,24 @@ def arpo_advantages(
     """:func:`branch_advantages` of a verl batch: ``(advantages, loss weights)``, both ``[B, L]``.
 
     token_level_rewards, response_mask: ``[B, L]``; a row's return is the sum of its rewards.
+    index, branches: as :func:`verl_lineage`.
+    """
+    lineage = verl_lineage(index, branches)
+    return branch_advantages(
+        arpo_attribution(config),
+        token_level_rewards.sum(dim=-1),
+        *lineage,
+        response_mask,
+        norm_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
+    )
+
+
+def verl_lineage(
+    index: Any, branches: Mapping[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A verl batch's rows as :func:`branch_advantages` takes them: ``(group_ids, path_ids, parent_ids,
+    branch_positions)`` ``[B]`` and ``responses`` ``[B, L]``.
+
     index: ``[B]`` the rows' prompt uids (one GRPO group each).
     branches: the rows' :data:`BRANCH_FIELDS` ``[B]`` (``branch_position`` -1 for a whole rollout),
         ``responses`` ``[B, L]`` and optionally ``is_padding`` ``[B]`` (verl's filler rows, which are
@@ -456,11 +504,12 @@ def arpo_advantages(
     """
     if branches is None or any(name not in branches for name in (*BRANCH_FIELDS, "responses")):
         raise ValueError(
-            "adv_estimator=arpo needs the branch fields of each row (path_id, parent_id, branch_position) and the "
-            "responses: train through the StepPO trainer (python -m steppo_verl.main) on steppo_agent's rows"
+            "branched rollouts (adv_estimator=arpo, algorithm.steppo.values=branch_returns) need the branch fields "
+            "of each row (path_id, parent_id, branch_position) and the responses: train through the StepPO "
+            "trainer (python -m steppo_verl.main) on steppo_agent's rows"
         )
     if index is None:
-        raise ValueError("adv_estimator=arpo needs the rows' prompt uids (index) to group them")
+        raise ValueError("branched rollouts need the rows' prompt uids (index) to group them")
     group_ids = torch.as_tensor(np.unique(np.asarray(index, dtype=str), return_inverse=True)[1].reshape(-1))
     path_ids, parent_ids = branches["path_id"].long(), branches["parent_id"].long()
     positions = branches["branch_position"].long().clamp(min=0)
@@ -470,27 +519,42 @@ def arpo_advantages(
         path_ids = torch.where(padding, -2 - rows, path_ids)  # unique, and never a real path id (>= 0) or -1
         parent_ids = torch.where(padding, -1, parent_ids)
         positions = torch.where(padding, 0, positions)
-    return branch_advantages(
-        arpo_attribution(config),
-        token_level_rewards.sum(dim=-1),
-        group_ids,
-        path_ids,
-        parent_ids,
-        positions,
-        branches["responses"],
-        response_mask,
-        norm_by_std=algorithm_option(config, "norm_adv_by_std_in_grpo", True),
-    )
+    return group_ids, path_ids, parent_ids, positions, branches["responses"]
+
+
+def branch_state_keys(
+    index: Any, branches: Mapping[str, torch.Tensor] | None, response_mask: torch.Tensor, steps: Steps
+) -> torch.Tensor:
+    """``[B, K]`` int64 key of the exact state each step starts from, read from the rows' lineage: two steps
+    share a key iff their rows belong to one prompt, the steps start at the same response token, and the
+    rows hold the same tokens before it (one row generated them, the other copied them in a branch).
+
+    Every row of a prompt shares the state of its first step (the prompt itself, when the response starts
+    with a step), so the batch's mean return from there is the group's (RLOO's baseline); a branch point
+    is shared by a path and the branches it spawned there. Arguments as :func:`verl_lineage`; ``steps``
+    locates each row's steps (``starts`` ``[B, K]``); keys where ``steps.step_mask`` is False are 0.
+    """
+    group_ids, path_ids, parent_ids, positions, responses = verl_lineage(index, branches)
+    _check_lineage(group_ids, path_ids, parent_ids, positions, responses, response_mask)
+    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), positions, responses, response_mask)
+    before = owners.gather(1, (steps.starts - 1).clamp(min=0))
+    before = torch.where(steps.starts > 0, before, -1)  # nothing generated before: the prompt, shared by all
+    triples = torch.stack([group_ids[:, None].expand_as(before), steps.starts, before], dim=-1)[steps.step_mask]
+    keys = torch.zeros(steps.starts.shape, dtype=torch.long)
+    keys[steps.step_mask] = torch.unique(triples, dim=0, return_inverse=True)[1]
+    return keys
 
 
 def arpo_loss_mask(token_level_rewards, response_mask, config=None, index=None, branches=None) -> torch.Tensor | None:
     """``[B, L]`` the response mask the actor should train with under ``arpo``, or None to keep verl's.
 
     Hard attribution trains a shared prefix once, in the row that generated it: its copies get weight 0.
+    Read from the rows' lineage alone (:func:`hard_loss_weights`): the estimator has computed the
+    advantages already, and ``token_level_rewards`` is not needed.
     """
     if arpo_attribution(config) == "soft":
         return None
-    return arpo_advantages(token_level_rewards, response_mask, config, index, branches)[1].to(response_mask.dtype)
+    return hard_loss_weights(*verl_lineage(index, branches), response_mask).to(response_mask.dtype)
 
 
 @register_adv_est("arpo")

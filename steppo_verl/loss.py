@@ -88,20 +88,29 @@ ACTION_CLIP_MODES = ("steppo_action_clip",)
 def step_clip_bounds(
     steps: Steps, clip_low: float, clip_high: float, per_action: bool, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, K]`` lower and upper clip bounds of each step's geometric-mean ratio.
+    """Lower and upper clip bounds of each step's geometric-mean ratio.
 
-    ``per_action=False``: ``1 - clip_low`` and ``1 + clip_high`` for every step. ``per_action=True``: the
-    range bounds the step's whole ratio, so an n-action-token step's geometric mean is bounded at
-    ``(1 - clip_low) ** (1/n)`` and ``(1 + clip_high) ** (1/n)``.
+    ``per_action=False``: 0-dim ``1 - clip_low`` and ``1 + clip_high``, the same for every step (they
+    broadcast against ``[B, K]`` or ``[B, L]``, so the default losses build no per-token bounds).
+    ``per_action=True``: ``[B, K]``; the range bounds the step's whole ratio, so an n-action-token step's
+    geometric mean is bounded at ``(1 - clip_low) ** (1/n)`` and ``(1 + clip_high) ** (1/n)``.
     """
     if not 0 <= clip_low < 1 or not clip_high >= 0:
         raise ValueError(f"clip range must satisfy 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got "
                          f"({clip_low}, {clip_high})")
-    ones = torch.ones(steps.step_mask.shape, dtype=dtype, device=steps.step_mask.device)
     if not per_action:
-        return ones * (1 - clip_low), ones * (1 + clip_high)
+        # In the ratio's dtype, so clamp and comparisons round the bound as they would a [B, L] bound tensor.
+        device = steps.step_mask.device
+        lower = torch.full((), 1 - clip_low, dtype=dtype, device=device)
+        return lower, torch.full((), 1 + clip_high, dtype=dtype, device=device)
     inverse_length = 1.0 / step_sums(steps.action.to(dtype), steps).clamp(min=1)
     return (1 - clip_low) ** inverse_length, (1 + clip_high) ** inverse_length
+
+
+def _bound_on_tokens(bound: torch.Tensor, steps: Steps) -> torch.Tensor:
+    """A clip bound of :func:`step_clip_bounds` where the token ratios are: ``[B, K]`` spread to ``[B, L]``,
+    a 0-dim bound as it is."""
+    return scatter_to_tokens(bound, steps) if bound.dim() else bound
 
 
 def step_start_mask(steps: Steps) -> torch.Tensor:
@@ -207,9 +216,10 @@ def _step_policy_loss(
     token_log_ratio = log_prob - log_prob.detach() + scatter_to_tokens(step_log_ratio.to(log_prob.dtype), steps)
     ratio = torch.exp(token_log_ratio.clamp(max=_MAX_LOG_RATIO))
 
-    step_lower, step_upper = step_clip_bounds(steps, clip_low, clip_high, per_action_clip, ratio.dtype)  # [B, K]
+    # [B, K] per step with the action clip; 0-dim (one bound for every token) otherwise.
+    step_lower, step_upper = step_clip_bounds(steps, clip_low, clip_high, per_action_clip, ratio.dtype)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, scatter_to_tokens(step_lower, steps), scatter_to_tokens(step_upper, steps))
+    clipped = -advantages * torch.clamp(ratio, _bound_on_tokens(step_lower, steps), _bound_on_tokens(step_upper, steps))
     pg_losses = torch.maximum(unclipped, clipped)
     # Dual clip: a negative-advantage step whose ratio ran far above 1 contributes at most -A * c.
     dual_clipped = (advantages < 0) & (pg_losses > -advantages * clip_ratio_c)

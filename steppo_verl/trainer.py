@@ -43,6 +43,7 @@ from steppo_verl.branching import (
     LOSS_MASKS,
     BranchingConfig,
     arpo_attribution,
+    branch_state_keys,
     check_rollout_n_for_branching,
 )
 from steppo_verl.endings import Ending
@@ -147,18 +148,36 @@ def _target_is_env_loop(entry: DictConfig, path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, EnvAgentLoop)
 
 
+# Rollout servers that return top-k log-probs for sampling_params["top_logprobs"] (steppo_verl/cpu/server.py).
+TOP_LOGPROB_SERVERS = ("hf",)
+
+
 def _check_branching(config: DictConfig, names: set[str]) -> None:
     """Branching rollouts (a ``branching`` block in the agent-loop yaml of a training loop) need
-    ``rollout.n=1`` and the agent-loop manager that scores every branch on its own; ``arpo`` needs a
-    known attribution."""
+    ``rollout.n=1``, a rollout server that returns top-k log-probs and the agent-loop manager that scores
+    every branch on its own; ``arpo`` needs a known attribution."""
     if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
         arpo_attribution(config.algorithm)
     path = config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path")
     entries = OmegaConf.load(resolve_config_path(path)) if path else []
     branching = sorted(e.name for e in entries if e.name in names and BranchingConfig.from_options(e.get("branching")))
     if not branching:
+        if reads_branches(config.algorithm):
+            raise ValueError(
+                "algorithm.steppo.values=branch_returns values the states that branched rollouts share, and no "
+                f"training agent loop ({sorted(names)}) branches: give steppo_agent a branching block in the "
+                "agent-loop yaml (actor_rollout_ref.rollout.agent.agent_loop_config_path)"
+            )
         return
     check_rollout_n_for_branching(config.actor_rollout_ref.rollout.n)
+    server = config.actor_rollout_ref.rollout.name
+    if server not in TOP_LOGPROB_SERVERS:
+        raise ValueError(
+            f"agent loops {branching} branch their rollouts (a branching block in {path}) on the entropy of the "
+            f"rollout server's top-k log-probs, and the {server!r} server does not return them (verl 0.9.1's vLLM "
+            "server asks vLLM for the sampled token's log-prob only, and hands top_logprobs to vLLM's SamplingParams, "
+            f"which has no such field): use a server that does ({', '.join(TOP_LOGPROB_SERVERS)}), or remove the block"
+        )
     manager = config.actor_rollout_ref.rollout.agent.get("agent_loop_manager_class")
     if manager != BRANCH_MANAGER_CLASS:
         raise ValueError(
@@ -166,6 +185,13 @@ def _check_branching(config: DictConfig, names: set[str]) -> None:
             f"manager ({manager or 'the default'}) would give every branch of a sample the last one's reward: set "
             f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={BRANCH_MANAGER_CLASS}"
         )
+
+
+def reads_branches(algorithm: Any) -> bool:
+    """Whether the estimator reads the rows' lineage: ``arpo``, or ``steppo`` with ``values=branch_returns``."""
+    if algorithm.adv_estimator in BRANCH_ESTIMATORS:
+        return True
+    return algorithm.adv_estimator == "steppo" and value_source(algorithm) == "branch_returns"
 
 
 VALUE_LOSS_POSITIONS = ("tokens", "step_starts")
@@ -179,7 +205,7 @@ def value_loss_positions(config: DictConfig) -> str:
     return positions
 
 
-VALUE_SOURCES = ("critic", "state_returns")
+VALUE_SOURCES = ("critic", "state_returns", "branch_returns")
 
 
 def value_source(algorithm: Any) -> str:
@@ -188,6 +214,9 @@ def value_source(algorithm: Any) -> str:
     ``state_returns`` reads the batch's leave-one-out mean return of each step's state instead
     (:func:`steppo_verl.metrics.state_mean_returns`; the critic's value where a state is visited once):
     a measurement arm, the upper bound of what a calibrated critic gives, not a training method.
+    ``branch_returns`` does the same for the states that branched rollouts share exactly (the prompt, and
+    each branch point: :func:`steppo_verl.branching.branch_state_keys`), the critic's value elsewhere: an
+    unbiased Monte-Carlo V(s_k) from siblings, which only branching rollouts provide.
     """
     source = algorithm_option(algorithm, "steppo.values", "critic")
     if source not in VALUE_SOURCES:
@@ -361,17 +390,20 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     steps = locate_steps(response_mask, step_ids)
     step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
     last_values = bootstrap_values(values, fields) if values is not None else None
-    reads_state_returns = (
-        adv_estimator == "steppo" and values is not None and value_source(config) == "state_returns"
-    )
-    if reads_state_returns and step_keys is None:
+    source = value_source(config) if adv_estimator == "steppo" and values is not None else "critic"
+    if source == "state_returns" and step_keys is None:
         raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
-    # The observed returns (a float64 pass over the batch) feed the state-returns arm and the StepPO trainer's
-    # metrics and records; verl's plain path has none of them and skips the pass.
+    # The observed returns (a float64 pass over the batch) feed the Monte-Carlo value sources and the StepPO
+    # trainer's metrics and records; verl's plain path has none of them and skips the pass.
     outcomes = None
-    if current is not None or reads_state_returns:
+    if current is not None or source != "critic":
         outcomes = observed_returns(rewards, steps, algorithm_option(config, "gamma", 1.0), last_values)
-    estimator_values = with_state_returns(values, steps, outcomes, step_keys) if reads_state_returns else values
+    estimator_values = values
+    if source != "critic":
+        keys = step_keys if source == "state_returns" else branch_state_keys(
+            data.non_tensor_batch.get("uid"), _branch_fields(fields), response_mask, steps
+        )
+        estimator_values = with_state_returns(values, steps, outcomes, keys)
     advantages, returns = ESTIMATORS[adv_estimator](
         token_level_rewards=rewards,
         response_mask=response_mask,
@@ -430,7 +462,8 @@ def _branch_lineage(fetched: Any, tags: list[dict]) -> dict[str, torch.Tensor]:
     missing = [name for name in BRANCH_FIELDS if name not in fetched.keys()]
     if missing:
         raise ValueError(
-            f"adv_estimator=arpo reads each row's {list(BRANCH_FIELDS)}, and the batch has no {missing}: run "
+            f"branched rollouts (adv_estimator=arpo, algorithm.steppo.values=branch_returns) read each row's "
+            f"{list(BRANCH_FIELDS)}, and the batch has no {missing}: run "
             "steppo_agent (with a branching block in the agent-loop yaml for ARPO's rollouts)"
         )
     lineage = {name: fetched[name].reshape(-1).long() for name in BRANCH_FIELDS}
@@ -528,7 +561,7 @@ class StepPOTrainer(PPOTrainerSync):
         if self.config.algorithm.adv_estimator not in ESTIMATORS:
             return super()._compute_advantage(batch, metrics)
         dump = self._dump_for_this_step(len(batch.keys))
-        branched = self.config.algorithm.adv_estimator in BRANCH_ESTIMATORS
+        branched = reads_branches(self.config.algorithm)
         fields = self._fetch_step_fields(batch, with_responses=dump is not None or branched, with_branches=branched)
         token = _CURRENT_BATCH.set(_StepBatch(fields, dump=dump))
         try:

@@ -12,18 +12,36 @@ That path is taken whenever verl computes rewards inside the agent loop, which i
 *model* shares the actor's resource pool (``reward.reward_model.enable_resource_pool=false``). There, with
 verl's ``dapo`` and ``gdpo`` reward managers (which do not merge them), and with other agent loops (e.g.
 verl's ``tool_agent``), ``extra_info`` lacks the two keys and each reward says what it falls back to.
+
+Every task reads the policy's final answer (:func:`policy_answer`, its last ``<answer>...</answer>``) and the
+row's gold answers (:func:`gold_answers`) here, so that all tasks read them alike.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ACTION_TEXTS", "OBSERVATION_TEXTS", "action_texts", "observation_texts", "transcript_fields"]
+import numpy as np
+
+__all__ = [
+    "ACTION_TEXTS",
+    "OBSERVATION_TEXTS",
+    "action_texts",
+    "extract_answer",
+    "gold_answers",
+    "observation_texts",
+    "policy_answer",
+    "transcript_fields",
+]
 
 ACTION_TEXTS = "action_texts"  # list[str]: the decoded text of each policy step, in order
 OBSERVATION_TEXTS = "observation_texts"  # list[str]: the decoded text of each observation in the response
+# One pass over the tags (a lazy `<answer>(.*?)</answer>` rescans the rest of the text from every
+# unclosed opening tag: quadratic, seconds on 128 KB of them).
+_ANSWER_TAGS = re.compile(r"<(/?)answer>", re.IGNORECASE)
 
 
 def transcript_fields(
@@ -60,3 +78,50 @@ def observation_texts(extra_info: dict[str, Any] | None) -> list[str] | None:
     """The environment's observations from the step agent loop; None where verl did not pass them."""
     recorded = (extra_info or {}).get(OBSERVATION_TEXTS)
     return None if recorded is None else [str(text) for text in recorded]
+
+
+def extract_answer(solution_str: str) -> str | None:
+    """Return the stripped content of the last ``<answer>...</answer>`` pair, or None if there is none.
+
+    A pair is a closing tag and the latest opening tag before it (``<answer>a <answer>b</answer>`` answers
+    ``b``); closing tags without an opening one are ignored. Linear in the length of the text.
+    """
+    answer, opened_at = None, None
+    for tag in _ANSWER_TAGS.finditer(solution_str):
+        if not tag[1]:
+            opened_at = tag.end()
+        elif opened_at is not None:
+            answer, opened_at = solution_str[opened_at : tag.start()], None
+    return None if answer is None else answer.strip()
+
+
+def policy_answer(solution_str: str, extra_info: dict[str, Any] | None) -> str | None:
+    """The last answer in the policy's own text (:func:`action_texts`).
+
+    Each step is read on its own, so a pair never spans an observation; the latest step with an answer wins.
+    """
+    answers = (extract_answer(text) for text in reversed(action_texts(solution_str, extra_info)))
+    return next((answer for answer in answers if answer is not None), None)
+
+
+def gold_answers(ground_truth: Any) -> list[str]:
+    """The accepted answers as a non-empty list of non-blank strings.
+
+    verl hands over parquet list columns as numpy arrays, so those are accepted like lists. A blank
+    gold answer would score an empty answer as exact, so it is rejected rather than silently scored.
+    """
+    if ground_truth is None:
+        raise ValueError("ground_truth is None; the example has no gold answer")
+    if isinstance(ground_truth, np.ndarray):
+        ground_truth = ground_truth.tolist()
+    golds = [ground_truth] if isinstance(ground_truth, str) else ground_truth
+    if not isinstance(golds, (list, tuple)):
+        raise TypeError(f"ground_truth must be a string or a list of strings, got {type(ground_truth).__name__}")
+    if not golds:
+        raise ValueError(f"ground_truth is empty: {ground_truth!r}")
+    for gold in golds:
+        if not isinstance(gold, str):
+            raise TypeError(f"every ground_truth answer must be a string, got {gold!r} in {ground_truth!r}")
+        if not gold.strip():
+            raise ValueError(f"ground_truth contains a blank answer: {ground_truth!r}")
+    return golds

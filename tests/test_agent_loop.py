@@ -226,11 +226,37 @@ def test_unknown_tool_is_reported_to_the_model(tokenizer):
     assert output.extra_fields["ending"] == "answer"
 
 
+class Calculator(EchoSearch):
+    def __init__(self):
+        BaseTool.__init__(self, {}, _schema("calculator"))
+        self.reward, self.delay_s, self.fail = 0.0, 0.0, False
+
+
+def test_a_samples_tool_selection_limits_the_prompt_and_the_calls_to_its_tools(tokenizer):
+    # verl's extra_info["tool_selection"]: this sample may search, not calculate (verl drops unknown names).
+    server = ScriptedServer(tokenizer, [call("1+1", name="calculator"), call("a"), "<answer>2</answer>"])
+    output = run(tokenizer, server, [EchoSearch(), Calculator()], extra_info={"tool_selection": ["search", "nope"]})
+    prompt = tokenizer.decode(server.prompts[0])
+    assert "search tool" in prompt and "calculator" not in prompt
+    assert "Unknown function 'calculator'" in observations(tokenizer, output)
+    assert "result for a" in observations(tokenizer, output)
+
+
+def test_without_a_tool_selection_every_tool_is_offered(tokenizer):
+    server = ScriptedServer(tokenizer, [call("1+1", name="calculator"), "<answer>2</answer>"])
+    output = run(tokenizer, server, [EchoSearch(), Calculator()])
+    prompt = tokenizer.decode(server.prompts[0])
+    assert "search tool" in prompt and "calculator tool" in prompt
+    assert "result for 1+1" in observations(tokenizer, output)
+
+
 def test_retriever_that_times_out_becomes_an_observation(tokenizer):
     server = ScriptedServer(tokenizer, [call("slow"), "<answer>x</answer>"])
     started = time.monotonic()
-    output = run(tokenizer, server, [EchoSearch(delay_s=5.0)], tool_timeout_s=0.2)
-    assert time.monotonic() - started < 4.5  # the tool sleeps 5 s; slack for a loaded machine
+    output = run(tokenizer, server, [EchoSearch(delay_s=60.0)], tool_timeout_s=0.2)
+    # The tool sleeps 60 s: ending well before that shows the call was cut, with room for a loaded machine
+    # (building the loop alone took 6 s beside a training run).
+    assert time.monotonic() - started < 30
     assert_consistent(output)
     assert output.step_ids == expected_layout(server, output)
     assert "timed out after 0.2 s" in observations(tokenizer, output)

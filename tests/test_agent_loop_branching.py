@@ -13,6 +13,7 @@ from test_agent_loop import PROMPT, EchoSearch, call, make_loop
 from verl.workers.rollout.replica import TokenOutput
 
 from steppo_verl.agent_loop import branch_seed
+from steppo_verl.branching import PLAIN_ROLLOUT
 from steppo_verl.protocol import validate_step_ids
 from steppo_verl.dev.tiny_model import build_tiny_tokenizer
 
@@ -50,10 +51,11 @@ class TurnServer:
         )
 
 
-def run_branching(tokenizer, server, branching, tools=None, **kwargs):
+def run_branching(tokenizer, server, branching, tools=None, sampling_params=None, **kwargs):
     async def episode():
         loop = make_loop(tokenizer, server, tools or [EchoSearch()], branching=branching, **kwargs)
-        return await loop.run({"temperature": 1.0}, raw_prompt=PROMPT, extra_info={}, **SAMPLE)
+        params = {"temperature": 1.0, **(sampling_params or {})}
+        return await loop.run(params, raw_prompt=PROMPT, extra_info={}, **SAMPLE)
 
     return asyncio.run(episode())
 
@@ -141,6 +143,21 @@ def test_branching_decisions_follow_arpo_rule_with_the_samples_seed(tokenizer):
         assert branch.branch_position == outputs[parent].step_ids.index(turn + 1)
     # Round 2 ends every path: what is left of the budget starts as whole rollouts.
     assert len(outputs) == 5 and all(o.parent_id == -1 for o in outputs[3 + len(expected) : 4 + len(expected)])
+
+
+def test_a_validation_sample_runs_one_plain_trajectory_with_branching_configured(tokenizer):
+    # The branch worker marks validation samples; a branching budget there would replace val_kwargs.n.
+    branching = dict(initial_rollouts=2, total_rollouts=5, beam=2, branch_probability=1.0, entropy_window=3, top_k=2)
+    server = TurnServer(tokenizer, probs=[0.99, 0.6, 0.99])
+    output = run_branching(tokenizer, server, branching, sampling_params={PLAIN_ROLLOUT: True})
+
+    assert not isinstance(output, list)
+    assert (output.path_id, output.parent_id, output.branch_position) == (0, -1, -1)
+    validate_step_ids(torch.tensor([output.step_ids]), torch.tensor([output.response_mask]))
+    assert max(output.step_ids) == 2  # three steps (ids 0-2): two tool calls and the answer
+    assert server.count == 3
+    # The mark stays out of what the server sees, and no top-k log-probs are asked for.
+    assert all(PLAIN_ROLLOUT not in params and "top_logprobs" not in params for params in server.sampling_params)
 
 
 def test_budget_is_filled_exactly_when_no_path_branches(tokenizer):

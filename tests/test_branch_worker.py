@@ -9,6 +9,8 @@ import pytest
 from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 from verl.trainer.ppo.v1 import agent_loop_tq
 
+import steppo_verl.plugin  # noqa: F401  (registers steppo_agent and steppo_env_agent with verl)
+from steppo_verl.branching import PLAIN_ROLLOUT
 from steppo_verl.branch_worker import BranchAgentLoopManager, BranchScoringWorker
 
 
@@ -79,6 +81,35 @@ def test_each_branch_is_sent_to_the_reward_worker_alone(stored):
 def test_single_output_goes_through_verls_path_unchanged(stored):
     postprocess(bare_worker(BranchScoringWorker, RewardWorker()), branch(4))
     assert list(stored) == ["u_0_0"] and float(stored["u_0_0"]["rm_scores"][-1]) == 4.0
+
+
+@pytest.fixture()
+def agent_loop_params(monkeypatch):
+    """The sampling params verl's worker would hand each agent loop's run (its _run_agent_loop, replaced)."""
+    seen = []
+
+    async def run_agent_loop(self, sampling_params, trajectory, **kwargs):
+        seen.append(sampling_params)
+
+    monkeypatch.setattr(agent_loop_tq.AgentLoopWorkerTQ.__ray_actor_class__, "_run_agent_loop", run_agent_loop)
+
+    def run(agent_name, validate):
+        worker = bare_worker(BranchScoringWorker, RewardWorker())
+        asyncio.run(worker._run_agent_loop({"temperature": 0.0}, {"validate": validate}, agent_name=agent_name))
+        return seen[-1]
+
+    return run
+
+
+def test_validation_samples_of_the_step_agent_loop_are_marked_plain(agent_loop_params):
+    assert agent_loop_params("steppo_agent", validate=True) == {"temperature": 0.0, PLAIN_ROLLOUT: True}
+    assert agent_loop_params("steppo_agent", validate=False) == {"temperature": 0.0}
+
+
+def test_other_agent_loops_never_get_the_plain_mark(agent_loop_params):
+    # verl's tool agent loop would pass the unknown key on to the rollout server as a sampling parameter.
+    for name in ("tool_agent", "steppo_env_agent", "not_registered"):
+        assert agent_loop_params(name, validate=True) == {"temperature": 0.0}
 
 
 def test_manager_builds_branch_scoring_workers(monkeypatch):

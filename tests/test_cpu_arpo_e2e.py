@@ -1,9 +1,11 @@
 """ARPO end to end on CPU: the QA smoke recipe (tiny local model, bundled questions, embedded BM25) with
 ``steppo_agent``'s branching rollouts, the branch-scoring agent-loop manager and the ``arpo`` estimator
-(hard attribution, so the actor's mask is rewritten too), two training steps of the real trainer."""
+(hard attribution, so the actor's mask is rewritten too), two training steps of the real trainer and a
+validation (which runs plain rollouts)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib.resources import files
 
@@ -40,6 +42,7 @@ def test_arpo_on_branching_rollouts_trains_two_steps_on_cpu(tmp_path):
         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}",
         f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}",
         "trainer.steppo_dump.every_n_steps=0",
+        "trainer.test_freq=2",  # validation after the last step: plain rollouts, no branching
     ]
     result = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(tmp_path / "smoke"), STEPS="2")
     assert_two_finite_steps(result, "steppo/num_steps/mean", "perf/total_num_tokens")
@@ -47,3 +50,5 @@ def test_arpo_on_branching_rollouts_trains_two_steps_on_cpu(tmp_path):
         # Every sample filled its budget: 4 prompts (platform/cpu.yaml) x total_rollouts rows per step.
         rows = step["perf/total_num_tokens"] / (step["prompt_length/mean"] + step["response_length/mean"])
         assert round(rows, 6) == 4 * BRANCHING["total_rollouts"]
+    # verl logs validation scores as numpy reprs (np.float64(...)), which the step parser leaves out.
+    assert re.search(r"step:2 - .* - val-core/hotpotqa/reward/mean@1:", result.log), result.log[-5000:]

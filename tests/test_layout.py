@@ -18,6 +18,10 @@ from omegaconf import OmegaConf
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "steppo_verl"
 METHOD_MODULES = ("steppo_verl.protocol", "steppo_verl.advantage", "steppo_verl.loss", "steppo_verl.metrics")
 TRAINING_ENTRY_POINTS = ("steppo_verl.main", "steppo_verl.plugin")
+TASKS = sorted(path.parent.name for path in (PACKAGE_DIR / "tasks").glob("*/__init__.py"))
+# The one task built on another: ALFWorld's games are TextWorld games, so its environment subclasses
+# textworld's and its rows are textworld's game rows.
+TASK_BASES = {"alfworld": {"textworld"}}
 
 
 def module_file(name: str) -> Path | None:
@@ -72,6 +76,20 @@ def package_modules(package: str) -> set[str]:
 def test_method_modules_reach_no_task_module():
     reached = import_closure(METHOD_MODULES)
     assert not {module for module in reached if module.startswith("steppo_verl.tasks")}, reached
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_task_modules_reach_no_other_task_module(task):
+    """What tasks share (e.g. reading the policy's answer, :mod:`steppo_verl.transcript`) lives outside
+    ``tasks/``: a task that imported another's reward would change when that task's scoring does."""
+    reached = import_closure(tuple(package_modules(f"steppo_verl.tasks.{task}")))
+    allowed = {task, *TASK_BASES.get(task, ())}
+    other = {
+        module
+        for module in reached
+        if module.startswith("steppo_verl.tasks.") and module.split(".")[2] not in allowed
+    }
+    assert not other, f"steppo_verl.tasks.{task} imports other tasks: {sorted(other)}"
 
 
 def test_cpu_package_holds_no_module_that_training_does_not_import():

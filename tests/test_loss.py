@@ -1,5 +1,6 @@
 """Step-aligned policy loss: hand computation, per-step clipping, GSPO equivalence, verl's ppo_loss path."""
 
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from steppo_verl.loss import (
     step_clip_bounds,
     step_start_value_loss,
 )
-from steppo_verl.protocol import locate_steps
+from steppo_verl.protocol import gather_at_step_starts, locate_steps, scatter_to_tokens
 
 
 def actor_config(clip=0.2, loss_mode="steppo", loss_agg_mode="token-mean", clip_ratio_c=3.0):
@@ -232,6 +233,57 @@ def test_action_clip_bounds_per_step_length():
     torch.testing.assert_close(lower[steps.step_mask], torch.tensor([0.8 ** (1 / 3), 0.8, 0.8 ** (1 / 5)]))
     lower, upper = step_clip_bounds(steps, 0.2, 0.28, per_action=False)
     assert torch.all(upper == 1.28) and torch.all(lower == 0.8)
+
+
+def test_default_clip_bounds_are_one_scalar_not_a_tensor_per_step():
+    steps = locate_steps(torch.ones(64, 512, dtype=torch.bool))
+    lower, upper = step_clip_bounds(steps, 0.2, 0.28, per_action=False)
+    assert lower.shape == upper.shape == torch.Size([]), "the same bound for every step needs no [B, K] tensor"
+    assert lower.item() == pytest.approx(0.8) and upper.item() == pytest.approx(1.28)
+
+
+def scalar_bound_reference(old, new, adv, mask, low, high, clip_ratio_c, equal_steps):
+    """Plain loop over each row's mask runs, clipped at the floats 1 - low and 1 + high:
+    (loss, token clip fraction, step clip fraction)."""
+    losses, weights, token_clipped, step_clipped = [], [], [], []
+    for b in range(mask.shape[0]):
+        t = 0
+        for is_action, run in itertools.groupby(mask[b].tolist()):
+            n = len(list(run))
+            if is_action:
+                s = math.exp(sum(new[b, t : t + n].tolist()) / n - sum(old[b, t : t + n].tolist()) / n)
+                a = float(adv[b, t])
+                unclipped, clipped = -a * s, -a * min(max(s, 1 - low), 1 + high)
+                loss = max(unclipped, clipped)
+                losses += [min(loss, -a * clip_ratio_c) if a < 0 else loss] * n
+                weights += [1 / n if equal_steps else 1.0] * n
+                token_clipped += [clipped > unclipped] * n
+                step_clipped.append((a > 0 and s > 1 + high) or (a < 0 and s < 1 - low))
+            t += n
+    weighted = sum(w * x for w, x in zip(weights, losses))
+    loss = weighted / mask.shape[0] if equal_steps else weighted / len(losses)
+    return loss, sum(token_clipped) / len(losses), sum(step_clipped) / len(step_clipped)
+
+
+@pytest.mark.parametrize("loss_fn, equal_steps", [(compute_policy_loss_steppo, False),
+                                                  (compute_policy_loss_steppo_step_mean, True)])
+def test_default_modes_loss_and_clip_fractions_equal_a_scalar_bound_reference(loss_fn, equal_steps):
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(6, 12, generator=gen) < 0.7
+    old = -torch.rand(6, 12, generator=gen)
+    new = old + 0.3 * torch.randn(6, 12, generator=gen)
+    adv = torch.randn(6, 12, generator=gen).sign()
+    steps = locate_steps(mask)
+    adv = scatter_to_tokens(gather_at_step_starts(adv, steps), steps)  # one advantage per step
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                             clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    loss, metrics = loss_fn(old, new, adv, mask, "token-mean", config)
+    expected_loss, token_clipfrac, step_clipfrac = scalar_bound_reference(old, new, adv, mask, 0.2, 0.28, 3.0,
+                                                                          equal_steps)
+    assert 0 < step_clipfrac < 1, "the batch must clip some steps and leave others"
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(token_clipfrac, rel=1e-6)
+    assert metrics["actor/step_clipfrac"] == pytest.approx(step_clipfrac, rel=1e-6)
 
 
 @pytest.mark.parametrize("low, high", [(1.0, 0.2), (-0.1, 0.2), (0.2, -0.1)])

@@ -11,8 +11,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from steppo_verl.tasks.qa.reward import compute_score, exact_match, extract_answer, f1_score, normalize_answer
-from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS
+from steppo_verl.tasks.qa.reward import compute_score, exact_match, f1_score, normalize_answer
+from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS, extract_answer
 
 if TYPE_CHECKING:
     from verl import DataProto

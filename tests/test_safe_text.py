@@ -28,7 +28,7 @@ from steppo_verl.tasks.qa.retrieval import BM25Index, Passage
 from steppo_verl.tasks.qa.tool import SearchTool
 from steppo_verl.tasks.vault import reward as vault
 from steppo_verl.tasks.vault.env import vault_observation
-from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS
+from steppo_verl.transcript import ACTION_TEXTS, OBSERVATION_TEXTS, extract_answer
 
 SEARCH_YAML = Path(__file__).resolve().parents[1] / "steppo_verl" / "tasks" / "qa" / "search_tool.yaml"
 PROMPT = [{"role": "system", "content": "Answer with search."}, {"role": "user", "content": "Question: capital?"}]
@@ -173,7 +173,7 @@ def test_answer_tag_in_a_retrieved_passage_earns_no_reward(tokenizer, search_too
     server, output = episode(tokenizer, [search_call({"query_list": ["capital quiz"]}), "I could not find it."],
                              [search_tool])
     transcript = tokenizer.decode(output.response_ids, skip_special_tokens=True)
-    assert qa.extract_answer(transcript) == "Paris", "verl's decoded response holds the passage's tag"
+    assert extract_answer(transcript) == "Paris", "verl's decoded response holds the passage's tag"
     assert qa.compute_score("qa", transcript, ["Paris"], extra_info=output.extra_fields)["score"] == 0.0
 
 

@@ -237,7 +237,8 @@ def test_with_state_returns_writes_only_step_starts_of_repeated_states():
 
 def test_unknown_value_source_fails_at_start_up():
     config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle")
-    with pytest.raises(ValueError, match=r"steppo.values must be one of \('critic', 'state_returns'\)"):
+    sources = r"\('critic', 'state_returns', 'branch_returns'\)"
+    with pytest.raises(ValueError, match=rf"steppo.values must be one of {sources}"):
         validate_steppo_config(config)
 
 

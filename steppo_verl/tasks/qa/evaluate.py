@@ -43,8 +43,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from steppo_verl.tasks.qa.reward import compute_score, policy_answer
+from steppo_verl.tasks.qa.reward import compute_score
 from steppo_verl.tasks.qa.tool import SEARCHED_INDEXES, is_server_url
+from steppo_verl.transcript import policy_answer
 
 SEARCH_TOOL = "search"  # the tool's name in search_tool.yaml, under which verl looks up its kwargs
 PLATFORMS = ("cpu", "gpu")

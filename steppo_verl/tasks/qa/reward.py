@@ -25,39 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from steppo_verl.transcript import action_texts
+from steppo_verl.transcript import gold_answers, policy_answer
 
-# One pass over the tags (a lazy `<answer>(.*?)</answer>` rescans the rest of the text from every
-# unclosed opening tag: quadratic, seconds on 128 KB of them).
-_ANSWER_TAGS = re.compile(r"<(/?)answer>", re.IGNORECASE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # HotpotQA gives no partial credit on these: "yes it is" must not half-match "yes".
 _CLOSED_ANSWERS = frozenset({"yes", "no", "noanswer"})
-
-
-def extract_answer(solution_str: str) -> str | None:
-    """Return the stripped content of the last ``<answer>...</answer>`` pair, or None if there is none.
-
-    A pair is a closing tag and the latest opening tag before it (``<answer>a <answer>b</answer>`` answers
-    ``b``); closing tags without an opening one are ignored. Linear in the length of the text.
-    """
-    answer, opened_at = None, None
-    for tag in _ANSWER_TAGS.finditer(solution_str):
-        if not tag[1]:
-            opened_at = tag.end()
-        elif opened_at is not None:
-            answer, opened_at = solution_str[opened_at : tag.start()], None
-    return None if answer is None else answer.strip()
-
-
-def policy_answer(solution_str: str, extra_info: dict | None) -> str | None:
-    """The last answer in the policy's own text (:func:`steppo_verl.transcript.action_texts`).
-
-    Each step is read on its own, so a pair never spans an observation; the latest step with an answer wins.
-    """
-    answers = (extract_answer(text) for text in reversed(action_texts(solution_str, extra_info)))
-    return next((answer for answer in answers if answer is not None), None)
 
 
 def normalize_answer(text: str) -> str:
@@ -100,29 +73,6 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def gold_answers(ground_truth: Any) -> list[str]:
-    """The accepted answers as a non-empty list of non-blank strings.
-
-    verl hands over parquet list columns as numpy arrays, so those are accepted like lists. A blank
-    gold answer would score an empty answer as exact, so it is rejected rather than silently scored.
-    """
-    if ground_truth is None:
-        raise ValueError("ground_truth is None; the example has no gold answer")
-    if isinstance(ground_truth, np.ndarray):
-        ground_truth = ground_truth.tolist()
-    golds = [ground_truth] if isinstance(ground_truth, str) else ground_truth
-    if not isinstance(golds, (list, tuple)):
-        raise TypeError(f"ground_truth must be a string or a list of strings, got {type(ground_truth).__name__}")
-    if not golds:
-        raise ValueError(f"ground_truth is empty: {ground_truth!r}")
-    for gold in golds:
-        if not isinstance(gold, str):
-            raise TypeError(f"every ground_truth answer must be a string, got {gold!r} in {ground_truth!r}")
-        if not gold.strip():
-            raise ValueError(f"ground_truth contains a blank answer: {ground_truth!r}")
-    return golds
-
-
 def _best(metric: Callable[[str, str], float], prediction: str, golds: list[str]) -> float:
     """The prediction's score against whichever accepted answer suits it best."""
     return max(metric(prediction, gold) for gold in golds)
@@ -138,8 +88,8 @@ def compute_score(
 ) -> dict[str, float]:
     """Score one response for verl: ``{"score", "em", "f1"}``, each the best over the accepted answers.
 
-    The answer is :func:`policy_answer`'s (the policy's steps from ``extra_info`` when the step agent loop
-    recorded them, else ``solution_str``). ``data_source`` is part of verl's call and unused here;
+    The answer is :func:`steppo_verl.transcript.policy_answer`'s (the policy's steps from ``extra_info`` when
+    the step agent loop recorded them, else ``solution_str``). ``data_source`` is part of verl's call and unused here;
     ``**kwargs`` absorbs what some reward managers add (e.g. ``reward_router_address``). ``metric`` ("em"
     or "f1") picks which of the two becomes ``score``. A response without a complete answer tag scores 0.
     """

@@ -10,8 +10,8 @@
   :class:`~steppo_verl.tasks.vault.env.VaultEnv` with the same observations, declared to verl by
   ``vault_tool.yaml`` beside it; ``vault_agent_loop.yaml`` is the task's agent-loop config.
 - :mod:`~steppo_verl.tasks.vault.reward`: 1 if an observation shows the vault open and the policy answers
-  ``open`` (``pkg://steppo_verl.tasks.vault.reward``). It reads the answer with the QA reward's parser
-  (:func:`steppo_verl.tasks.qa.reward.policy_answer`), so that both tasks read ``<answer>`` alike.
+  ``open`` (``pkg://steppo_verl.tasks.vault.reward``). It reads the answer with the shared parser
+  (:func:`steppo_verl.transcript.policy_answer`), so that both tasks read ``<answer>`` alike.
 - :mod:`~steppo_verl.tasks.vault.representable`: ``python -m steppo_verl.tasks.vault.representable``, whether
   the warm-started tiny policy can represent a world's optimal policy at all.
 - config: ``steppo_verl/config/task/vault.yaml`` (``+task=vault``; hydra looks for task configs under

@@ -13,9 +13,8 @@ fall back to the transcript.
 
 from typing import Any
 
-from steppo_verl.tasks.qa.reward import gold_answers, policy_answer
 from steppo_verl.tasks.vault.env import vault_observation
-from steppo_verl.transcript import OBSERVATION_TEXTS, observation_texts
+from steppo_verl.transcript import OBSERVATION_TEXTS, gold_answers, observation_texts, policy_answer
 
 OPENED_ANSWER = "open"
 
