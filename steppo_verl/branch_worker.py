@@ -18,6 +18,7 @@ verl's validation counts them, instead of a branched budget per sample.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import hydra
@@ -69,12 +70,18 @@ def _branches(agent_name: str | None) -> bool:
     entry = _agent_loop_registry.get(agent_name)
     if entry is None:
         return False  # verl's worker reports an unregistered agent loop itself
+    return _is_step_agent_loop(entry["_target_"])
+
+
+@functools.lru_cache(maxsize=None)
+def _is_step_agent_loop(target: str) -> bool:
+    """Whether the class at ``target`` is :class:`StepAgentLoop` or a subclass; resolved once per class, not
+    once per validation sample."""
     # Imported here: the trainer imports this module, and must stay importable (and registered) when the agent
     # loop's own imports fail (tests/test_plugin.py).
     from steppo_verl.agent_loop import StepAgentLoop
 
-    cls = hydra.utils.get_class(entry["_target_"])
-    return issubclass(cls, StepAgentLoop)
+    return issubclass(hydra.utils.get_class(target), StepAgentLoop)
 
 
 class BranchAgentLoopManager(AgentLoopManagerTQ):

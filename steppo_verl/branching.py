@@ -26,7 +26,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -302,12 +302,12 @@ def branch_advantages(
     """
     if mode not in ATTRIBUTIONS:
         raise ValueError(f"branch attribution must be one of {ATTRIBUTIONS}, got {mode!r}")
-    _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, responses, response_mask)
+    owners = Lineage(group_ids, path_ids, parent_ids, branch_positions, responses).token_owners(response_mask)
+    _check_returns(returns, group_ids)
     scores = grpo_scores(returns, group_ids, norm_by_std, epsilon)
     mask = response_mask.to(scores.dtype)
     if mode == "soft":
         return scores[:, None] * mask, mask
-    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), branch_positions, responses, response_mask)
     return _shared_mean(scores, owners) * mask, _own_tokens(owners, mask)
 
 
@@ -323,8 +323,7 @@ def hard_loss_weights(
     from the rows' lineage: which row generated a token does not depend on the returns, so no GRPO scores
     or shared means are computed. Arguments as :func:`branch_advantages`.
     """
-    _check_lineage(group_ids, path_ids, parent_ids, branch_positions, responses, response_mask)
-    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), branch_positions, responses, response_mask)
+    owners = Lineage(group_ids, path_ids, parent_ids, branch_positions, responses).token_owners(response_mask)
     return _own_tokens(owners, response_mask.float())
 
 
@@ -425,10 +424,27 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[0], device=x.device)[:, None]
 
 
-def _check_batch(returns, group_ids, path_ids, parent_ids, branch_positions, responses, response_mask) -> None:
-    _check_lineage(group_ids, path_ids, parent_ids, branch_positions, responses, response_mask)
+class Lineage(NamedTuple):
+    """The rows of a branched batch, as :func:`branch_advantages` takes them: ``group_ids``, ``path_ids``,
+    ``parent_ids``, ``branch_positions`` ``[B]`` and ``responses`` ``[B, L]``."""
+
+    group_ids: torch.Tensor
+    path_ids: torch.Tensor
+    parent_ids: torch.Tensor
+    branch_positions: torch.Tensor
+    responses: torch.Tensor
+
+    def token_owners(self, response_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` the row that generated each token (:func:`token_owners`), after checking the lineage
+        (shapes, branch positions, unique paths, parents present, no cycles, copied prefixes)."""
+        _check_lineage(*self, response_mask)
+        parents = parent_rows(self.group_ids, self.path_ids, self.parent_ids)
+        return token_owners(parents, self.branch_positions, self.responses, response_mask)
+
+
+def _check_returns(returns: torch.Tensor, group_ids: torch.Tensor) -> None:
     if returns.shape != group_ids.shape:
-        raise ValueError(f"returns must be [B] = [{responses.shape[0]}], got {tuple(returns.shape)}")
+        raise ValueError(f"returns must be [B] = [{group_ids.shape[0]}], got {tuple(returns.shape)}")
     non_finite = (~returns.isfinite()).nonzero()[:, 0]
     if non_finite.numel():
         raise ValueError(f"returns must be finite, got {float(returns[non_finite[0]])} in row {int(non_finite[0])}")
@@ -491,11 +507,8 @@ def arpo_advantages(
     )
 
 
-def verl_lineage(
-    index: Any, branches: Mapping[str, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A verl batch's rows as :func:`branch_advantages` takes them: ``(group_ids, path_ids, parent_ids,
-    branch_positions)`` ``[B]`` and ``responses`` ``[B, L]``.
+def verl_lineage(index: Any, branches: Mapping[str, torch.Tensor] | None) -> Lineage:
+    """A verl batch's rows as a :class:`Lineage`.
 
     index: ``[B]`` the rows' prompt uids (one GRPO group each).
     branches: the rows' :data:`BRANCH_FIELDS` ``[B]`` (``branch_position`` -1 for a whole rollout),
@@ -519,7 +532,7 @@ def verl_lineage(
         path_ids = torch.where(padding, -2 - rows, path_ids)  # unique, and never a real path id (>= 0) or -1
         parent_ids = torch.where(padding, -1, parent_ids)
         positions = torch.where(padding, 0, positions)
-    return group_ids, path_ids, parent_ids, positions, branches["responses"]
+    return Lineage(group_ids, path_ids, parent_ids, positions, branches["responses"])
 
 
 def branch_state_keys(
@@ -534,9 +547,9 @@ def branch_state_keys(
     is shared by a path and the branches it spawned there. Arguments as :func:`verl_lineage`; ``steps``
     locates each row's steps (``starts`` ``[B, K]``); keys where ``steps.step_mask`` is False are 0.
     """
-    group_ids, path_ids, parent_ids, positions, responses = verl_lineage(index, branches)
-    _check_lineage(group_ids, path_ids, parent_ids, positions, responses, response_mask)
-    owners = token_owners(parent_rows(group_ids, path_ids, parent_ids), positions, responses, response_mask)
+    lineage = verl_lineage(index, branches)
+    owners = lineage.token_owners(response_mask)
+    group_ids = lineage.group_ids
     before = owners.gather(1, (steps.starts - 1).clamp(min=0))
     before = torch.where(steps.starts > 0, before, -1)  # nothing generated before: the prompt, shared by all
     triples = torch.stack([group_ids[:, None].expand_as(before), steps.starts, before], dim=-1)[steps.step_mask]

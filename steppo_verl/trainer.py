@@ -17,17 +17,18 @@ Two routes, one implementation (:func:`compute_step_advantages`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from verl import DataProto
 from verl.trainer.ppo.utils import need_critic
 from verl.trainer.ppo.v1.trainer_base import register_trainer
@@ -159,14 +160,17 @@ def _check_branching(config: DictConfig, names: set[str]) -> None:
     if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
         arpo_attribution(config.algorithm)
     path = config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path")
-    entries = OmegaConf.load(resolve_config_path(path)) if path else []
-    branching = sorted(e.name for e in entries if e.name in names and BranchingConfig.from_options(e.get("branching")))
+    branching = sorted(branching_configs(config, names))
     if not branching:
         if reads_branches(config.algorithm):
+            if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
+                reader = (f"algorithm.adv_estimator={config.algorithm.adv_estimator} attributes advantages over "
+                          "branched rollouts (their shared prefixes)")
+            else:
+                reader = "algorithm.steppo.values=branch_returns values the states that branched rollouts share"
             raise ValueError(
-                "algorithm.steppo.values=branch_returns values the states that branched rollouts share, and no "
-                f"training agent loop ({sorted(names)}) branches: give steppo_agent a branching block in the "
-                "agent-loop yaml (actor_rollout_ref.rollout.agent.agent_loop_config_path)"
+                f"{reader}, and no training agent loop ({sorted(names)}) branches: give steppo_agent a branching "
+                "block in the agent-loop yaml (actor_rollout_ref.rollout.agent.agent_loop_config_path)"
             )
         return
     check_rollout_n_for_branching(config.actor_rollout_ref.rollout.n)
@@ -185,6 +189,29 @@ def _check_branching(config: DictConfig, names: set[str]) -> None:
             f"manager ({manager or 'the default'}) would give every branch of a sample the last one's reward: set "
             f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={BRANCH_MANAGER_CLASS}"
         )
+
+
+def branching_configs(config: DictConfig, names: set[str]) -> dict[str, BranchingConfig]:
+    """The branching block of each training agent loop (``names``) that has one in the agent-loop yaml."""
+    path = config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path")
+    entries = OmegaConf.load(resolve_config_path(path)) if path else []
+    blocks = {e.name: BranchingConfig.from_options(e.get("branching")) for e in entries if e.name in names}
+    return {name: block for name, block in blocks.items() if block}
+
+
+def rows_per_sample(config: DictConfig) -> int:
+    """Trajectories (training rows) one training sample returns: ``total_rollouts`` of a branching loop, else 1.
+
+    Raises:
+        ValueError: the training loops branch with different budgets (a mini-batch would have no one size).
+    """
+    totals = {block.total_rollouts for block in branching_configs(config, _training_agent_loops(config)).values()}
+    if len(totals) > 1:
+        raise ValueError(
+            f"the training agent loops branch with different total_rollouts {sorted(totals)}: a PPO mini-batch of "
+            "ppo_mini_batch_size prompts would hold a different number of rows for each; give them one budget"
+        )
+    return totals.pop() if totals else 1
 
 
 def reads_branches(algorithm: Any) -> bool:
@@ -272,6 +299,7 @@ def validate_steppo_config(config: DictConfig) -> None:
             raise ValueError("algorithm.adv_estimator=steppo: critic.model.path is empty; set it to the critic model")
     names = _training_agent_loops(config)
     _check_branching(config, names)
+    rows_per_sample(config)
     env_loops = names & _environment_loop_names(config)
     if estimator not in ESTIMATORS and env_loops:
         # verl's own estimators read only the outcome score; an environment's rewards travel as env_rewards.
@@ -521,6 +549,7 @@ class StepPOTrainer(PPOTrainerSync):
 
     def __init__(self, config: DictConfig):
         validate_steppo_config(config)
+        self._rows_per_sample = rows_per_sample(config)
         super().__init__(config)
 
     # verl selects behaviour with `trainer_mode == "sync"` (trainer_base.py); this trainer is the
@@ -547,6 +576,42 @@ class StepPOTrainer(PPOTrainerSync):
                 raise ValueError(f"trainer.steppo_replay_poll_s must lie in (0, 60] seconds, got {poll_s}")
             buffer.poll_interval = float(poll_s)
         return buffer
+
+    @contextlib.contextmanager
+    def _mini_batches_in_rows(self) -> Iterator[None]:
+        """Within it, ``rollout.n`` reads as the training rows per prompt.
+
+        verl sizes a PPO mini-batch as ``ppo_mini_batch_size`` prompts x ``rollout.n`` rows (trainer_base.py:
+        ``_update_actor``, ``_update_critic``, ``_get_required_batch_multiple``, each reading ``rollout.n``
+        inline). A branching sample runs with ``rollout.n=1`` and returns ``total_rollouts`` rows, so without
+        this the actor and critic would take ``total_rollouts`` times the configured number of updates per
+        step. Wrapping those three methods is narrower than copying them; nothing else reads ``rollout.n``
+        while they run (the sync trainer runs them between rollouts).
+        """
+        if self._rows_per_sample == 1:
+            yield
+            return
+        rollout = self.config.actor_rollout_ref.rollout
+        n = rollout.n
+        with open_dict(rollout):
+            rollout.n = n * self._rows_per_sample
+        try:
+            yield
+        finally:
+            with open_dict(rollout):
+                rollout.n = n
+
+    def _update_actor(self, batch, metrics: dict) -> Any:
+        with self._mini_batches_in_rows():
+            return super()._update_actor(batch, metrics)
+
+    def _update_critic(self, batch, metrics: dict) -> Any:
+        with self._mini_batches_in_rows():
+            return super()._update_critic(batch, metrics)
+
+    def _get_required_batch_multiple(self, dp_size: int) -> int:
+        with self._mini_batches_in_rows():
+            return super()._get_required_batch_multiple(dp_size)
 
     def _setup(self) -> None:
         super()._setup()

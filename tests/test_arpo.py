@@ -22,7 +22,7 @@ from steppo_verl.branching import arpo_advantages, arpo_estimator, arpo_loss_mas
 from steppo_verl.metrics import observed_returns
 from steppo_verl.protocol import locate_steps
 from steppo_verl.dev.tiny_model import build_tiny_tokenizer
-from steppo_verl.trainer import validate_steppo_config
+from steppo_verl.trainer import rows_per_sample, validate_steppo_config
 
 BRANCHING = dict(initial_rollouts=2, total_rollouts=5, beam=2, entropy_window=3, top_k=2)
 
@@ -261,12 +261,18 @@ def test_steppo_on_branch_returns_reads_the_siblings_mean_return(transfer_queue,
     torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), expected)
 
 
-def test_branch_returns_without_branching_rollouts_fails_at_start_up():
-    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "data.train_files=[]",
-                         "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent",
-                         "+algorithm.steppo.values=branch_returns")
-    with pytest.raises(ValueError, match="branch_returns values the states that branched rollouts share.*branching"):
+@pytest.mark.parametrize("reader, message", [
+    (("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=branch_returns"),
+     "branch_returns values the states that branched rollouts share"),
+    (("algorithm.adv_estimator=arpo",), "adv_estimator=arpo attributes advantages over branched rollouts"),
+])
+def test_an_estimator_reading_branches_without_branching_rollouts_fails_at_start_up(reader, message):
+    # Each option is named in its own words: an arpo run is not told about steppo.values.
+    config = verl_config(*reader, "data.train_files=[]",
+                         "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_agent")
+    with pytest.raises(ValueError, match=f"{message}.*no training agent loop.*branching block") as error:
         validate_steppo_config(config)
+    assert ("branch_returns" in str(error.value)) == ("steppo.values=branch_returns" in reader[-1])
 
 
 def branching_config(tmp_path, *overrides):
@@ -296,6 +302,75 @@ def test_branching_with_verls_agent_loop_manager_fails_at_start_up(tmp_path):
         validate_steppo_config(branching_config(tmp_path, "actor_rollout_ref.rollout.n=1"))
     manager = f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}"
     validate_steppo_config(branching_config(tmp_path, "actor_rollout_ref.rollout.n=1", manager))
+
+
+class RecordingWorkers:
+    """The actor and critic worker groups of verl's trainer, recording the batch each update receives."""
+
+    def __init__(self):
+        self.received = {}
+
+    def _update(self, role):
+        def update(batch):
+            self.received[role] = dict(batch.extra_info)
+            return _Output({"metrics": {"mfu": 0.0}})
+        return update
+
+    def __getattr__(self, name):
+        return self._update(name)
+
+
+class _Output(dict):
+    def get(self, *args):  # the critic's worker group returns a future
+        return self if not args else dict.get(self, *args)
+
+
+class _Batch:
+    extra_info: dict
+
+    def __init__(self):
+        self.extra_info = {}
+
+
+@pytest.mark.parametrize("branching", [True, False])
+def test_a_ppo_mini_batch_counts_the_rows_a_branching_sample_returns(tmp_path, branching):
+    # 4 prompts per mini-batch; a branching sample returns total_rollouts=4 rows with rollout.n=1, so a
+    # mini-batch holds 16 rows (not 4, which would make 4x the configured number of updates per step).
+    manager = f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}"
+    common = ("actor_rollout_ref.actor.ppo_mini_batch_size=4", "critic.ppo_mini_batch_size=4", "critic.enable=true")
+    if branching:
+        config = branching_config(tmp_path, "actor_rollout_ref.rollout.n=1", manager, *common)
+    else:
+        config = verl_config("algorithm.adv_estimator=grpo", "data.train_files=[]", "actor_rollout_ref.rollout.n=2",
+                             *common)
+    trainer = trainer_with(config)
+    trainer._rows_per_sample = rows_per_sample(config)
+    trainer.use_critic, trainer.distillation_config = True, None
+    trainer.actor_rollout_wg = trainer.critic_wg = workers = RecordingWorkers()
+    trainer._update_actor(_Batch(), {})
+    trainer._update_critic(_Batch(), {})
+    rows = 16 if branching else 8
+    assert workers.received["update_actor"]["mini_batch_size"] == rows
+    assert workers.received["train_mini_batch"]["mini_batch_size"] == rows
+    assert trainer._get_required_batch_multiple(dp_size=1) == rows
+    assert config.actor_rollout_ref.rollout.n == (1 if branching else 2), "rollout.n is restored"
+
+
+def test_branching_loops_with_different_budgets_fail_at_start_up(tmp_path):
+    loops = tmp_path / "loops.yaml"
+    loops.write_text("- name: steppo_agent\n  _target_: steppo_verl.agent_loop.StepAgentLoop\n"
+                     "  branching: {initial_rollouts: 2, total_rollouts: 4}\n"
+                     "- name: other_agent\n  _target_: steppo_verl.agent_loop.StepAgentLoop\n"
+                     "  branching: {initial_rollouts: 2, total_rollouts: 8}\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"agent_name": ["steppo_agent", "other_agent"]}), train)
+    config = verl_config(f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}",
+                         f"data.train_files=[{train}]")
+    with pytest.raises(ValueError, match=r"different total_rollouts \[4, 8\]"):
+        rows_per_sample(config)
 
 
 def test_arpo_with_an_unknown_attribution_fails_at_start_up(tmp_path):

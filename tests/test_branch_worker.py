@@ -112,6 +112,19 @@ def test_other_agent_loops_never_get_the_plain_mark(agent_loop_params):
         assert agent_loop_params(name, validate=True) == {"temperature": 0.0}
 
 
+def test_the_agent_loop_class_is_resolved_once_not_per_validation_sample(agent_loop_params, monkeypatch):
+    import hydra
+
+    from steppo_verl import branch_worker
+
+    branch_worker._is_step_agent_loop.cache_clear()
+    resolved, get_class = [], hydra.utils.get_class
+    monkeypatch.setattr(hydra.utils, "get_class", lambda target: resolved.append(target) or get_class(target))
+    for _ in range(3):
+        assert agent_loop_params("steppo_agent", validate=True)[PLAIN_ROLLOUT] is True
+    assert resolved == ["steppo_verl.agent_loop.StepAgentLoop"]
+
+
 def test_manager_builds_branch_scoring_workers(monkeypatch):
     monkeypatch.setattr(agent_loop_tq.AgentLoopManager, "__init__", lambda self, *a, **k: None)
     manager = BranchAgentLoopManager()

@@ -1,7 +1,13 @@
 """StepPO learns: the vault task (steppo_verl/tasks/vault/prepare.py) trained end to end on CPU through the real
 trainer, on one fixed seed and world. The run is ``recipe/steppo/run_cpu_vault.sh`` exactly as a user runs it:
 task data, warm start of the tiny policy on random-door demonstrations, then StepPO with its critic (trained at
-step starts), agent loop, endings policy, step GAE and step-aligned loss."""
+step starts), agent loop, endings policy, step GAE and step-aligned loss.
+
+15 steps, not the recipe's 10: runs are not reproducible at one seed (the ``hf`` server batches whatever
+requests are in flight), and at 10 steps this check failed in 3 of 7 runs of seed 0 (2026-12-02: two of three
+CI runs and one of four local ones, in which the policy stopped opening doors for three steps, then
+recovered), while the four local runs that went on to step 15 cleared the bar there by 0.30-0.40
+(benchmarks/README.md, "The CI learning test"). 5-6 minutes on 2 cores, warm start included."""
 
 from __future__ import annotations
 
@@ -18,12 +24,12 @@ from steppo_verl.dev.runs import run_in_session
 pytestmark = pytest.mark.ray
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipe" / "steppo" / "run_cpu_vault.sh"
-STEPS = 10
+STEPS = 15
 ROLLOUTS_PER_STEP = 8 * 8  # config/task/vault.yaml: 8 prompts x 8 rollouts
 LAST = 3
 FIRST = 2  # the baseline: mean success of the first two steps (the untrained policy and one update)
 RANDOM_DOOR_SUCCESS = 1 / 8  # three rooms, two doors each
-TIMEOUT_S = 900  # a run takes ~4-6 minutes on 2 cores, warm start included
+TIMEOUT_S = 900  # a run takes ~5-6 minutes on 2 cores, warm start included
 SEED = 0
 
 
