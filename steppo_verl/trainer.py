@@ -21,7 +21,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,14 +153,14 @@ def _target_is_env_loop(entry: DictConfig, path: str) -> bool:
 TOP_LOGPROB_SERVERS = ("hf",)
 
 
-def _check_branching(config: DictConfig, names: set[str]) -> None:
+def _check_branching(config: DictConfig, names: set[str], blocks: Mapping[str, BranchingConfig]) -> None:
     """Branching rollouts (a ``branching`` block in the agent-loop yaml of a training loop) need
     ``rollout.n=1``, a rollout server that returns top-k log-probs and the agent-loop manager that scores
     every branch on its own; ``arpo`` needs a known attribution."""
     if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
         arpo_attribution(config.algorithm)
     path = config.actor_rollout_ref.rollout.agent.get("agent_loop_config_path")
-    branching = sorted(branching_configs(config, names))
+    branching = sorted(blocks)
     if not branching:
         if reads_branches(config.algorithm):
             if config.algorithm.adv_estimator in BRANCH_ESTIMATORS:
@@ -199,13 +199,14 @@ def branching_configs(config: DictConfig, names: set[str]) -> dict[str, Branchin
     return {name: block for name, block in blocks.items() if block}
 
 
-def rows_per_sample(config: DictConfig) -> int:
-    """Trajectories (training rows) one training sample returns: ``total_rollouts`` of a branching loop, else 1.
+def rows_per_sample(blocks: Mapping[str, BranchingConfig]) -> int:
+    """Trajectories (training rows) one training sample returns: ``total_rollouts`` of the branching loops
+    (``blocks``, as :func:`branching_configs` reads them), else 1.
 
     Raises:
         ValueError: the training loops branch with different budgets (a mini-batch would have no one size).
     """
-    totals = {block.total_rollouts for block in branching_configs(config, _training_agent_loops(config)).values()}
+    totals = {block.total_rollouts for block in blocks.values()}
     if len(totals) > 1:
         raise ValueError(
             f"the training agent loops branch with different total_rollouts {sorted(totals)}: a PPO mini-batch of "
@@ -275,7 +276,7 @@ def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
         )
 
 
-def validate_steppo_config(config: DictConfig) -> None:
+def validate_steppo_config(config: DictConfig) -> int:
     """Fail at start-up, with what to set, on configurations that cannot work.
 
     Checks: ``steppo`` needs a critic and a critic model path (except in a validation-only run,
@@ -284,6 +285,9 @@ def validate_steppo_config(config: DictConfig) -> None:
     one of :data:`STEP_AGENTS`; verl's own estimators (``grpo``, ``gae``, ...) cannot train on the
     environment loop, whose rewards they would drop, whether ``default_agent_loop``, the training data's
     ``agent_name`` column or an entry of the agent-loop yaml selects it.
+
+    Returns the training rows one sample returns (:func:`rows_per_sample`), read from the training data and
+    the agent-loop yaml, which the checks read anyway.
     """
     estimator = config.algorithm.adv_estimator
     value_loss_positions(config)
@@ -298,8 +302,9 @@ def validate_steppo_config(config: DictConfig) -> None:
         if not config.critic.model.get("path"):
             raise ValueError("algorithm.adv_estimator=steppo: critic.model.path is empty; set it to the critic model")
     names = _training_agent_loops(config)
-    _check_branching(config, names)
-    rows_per_sample(config)
+    blocks = branching_configs(config, names)
+    _check_branching(config, names, blocks)
+    rows = rows_per_sample(blocks)
     env_loops = names & _environment_loop_names(config)
     if estimator not in ESTIMATORS and env_loops:
         # verl's own estimators read only the outcome score; an environment's rewards travel as env_rewards.
@@ -319,6 +324,7 @@ def validate_steppo_config(config: DictConfig) -> None:
                 f"actor_rollout_ref.rollout.agent.default_agent_loop (e.g. {STEP_AGENTS[0]}) and/or the agent_name "
                 "column to one of them, or recover steps from response_mask runs with +algorithm.steppo.step_ids=mask"
             )
+    return rows
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -548,8 +554,7 @@ class StepPOTrainer(PPOTrainerSync):
     """verl's synchronous PPO trainer with StepPO's step fields, checks and metrics."""
 
     def __init__(self, config: DictConfig):
-        validate_steppo_config(config)
-        self._rows_per_sample = rows_per_sample(config)
+        self._rows_per_sample = validate_steppo_config(config)
         super().__init__(config)
 
     # verl selects behaviour with `trainer_mode == "sync"` (trainer_base.py); this trainer is the

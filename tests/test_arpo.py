@@ -22,7 +22,7 @@ from steppo_verl.branching import arpo_advantages, arpo_estimator, arpo_loss_mas
 from steppo_verl.metrics import observed_returns
 from steppo_verl.protocol import locate_steps
 from steppo_verl.dev.tiny_model import build_tiny_tokenizer
-from steppo_verl.trainer import rows_per_sample, validate_steppo_config
+from steppo_verl.trainer import validate_steppo_config
 
 BRANCHING = dict(initial_rollouts=2, total_rollouts=5, beam=2, entropy_window=3, top_k=2)
 
@@ -344,7 +344,7 @@ def test_a_ppo_mini_batch_counts_the_rows_a_branching_sample_returns(tmp_path, b
         config = verl_config("algorithm.adv_estimator=grpo", "data.train_files=[]", "actor_rollout_ref.rollout.n=2",
                              *common)
     trainer = trainer_with(config)
-    trainer._rows_per_sample = rows_per_sample(config)
+    trainer._rows_per_sample = validate_steppo_config(config)
     trainer.use_critic, trainer.distillation_config = True, None
     trainer.actor_rollout_wg = trainer.critic_wg = workers = RecordingWorkers()
     trainer._update_actor(_Batch(), {})
@@ -367,10 +367,13 @@ def test_branching_loops_with_different_budgets_fail_at_start_up(tmp_path):
 
     train = tmp_path / "train.parquet"
     pq.write_table(pa.table({"agent_name": ["steppo_agent", "other_agent"]}), train)
-    config = verl_config(f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}",
+    manager = f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}"
+    config = verl_config("algorithm.adv_estimator=arpo", "actor_rollout_ref.rollout.name=hf",
+                         "actor_rollout_ref.rollout.n=1", manager,
+                         f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}",
                          f"data.train_files=[{train}]")
     with pytest.raises(ValueError, match=r"different total_rollouts \[4, 8\]"):
-        rows_per_sample(config)
+        validate_steppo_config(config)
 
 
 def test_arpo_with_an_unknown_attribution_fails_at_start_up(tmp_path):
