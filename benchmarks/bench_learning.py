@@ -1,15 +1,21 @@
-"""Learning on the vault task: StepPO against GRPO, token-level PPO (``gae``) and GiGPO, and StepPO's ablations,
-over several seeds and worlds at one budget.
+"""Learning on the vault task (or TextWorld coin collector): StepPO against GRPO, token-level PPO (``gae``) and GiGPO,
+and StepPO's ablations, over several seeds and worlds at one budget.
 
     python benchmarks/bench_learning.py --arms steppo grpo --seeds 0 1 2 3 4 --worlds 0 1 2 --steps 20
     python benchmarks/bench_learning.py --arms steppo grpo --seeds 0 --worlds 0 --steps 6     # a quick look
     python benchmarks/bench_learning.py --list-arms
+    python benchmarks/bench_learning.py --task textworld --arms steppo grpo gigpo --seeds 0 1 --worlds 0 --steps 10
 
 Every run is ``recipe/steppo/run_cpu_vault.sh`` with the arm's ``ESTIMATOR`` and hydra overrides, a ``SEED``
 (data order and sampling) and a ``WORLD`` (the vault's layout, i.e. which door is right in each room; each world
 has its own task data and warm-started tiny policy, built once in ``--work-dir``): 8 prompts x 8 rollouts per
 step, the same number of steps for every arm. Success at a step is verl's ``critic/score/mean`` for that step's
 rollouts (sampled at temperature 1, before the step's update); step 1 measures the untrained policy.
+
+``--task textworld`` runs ``recipe/steppo/run_cpu_textworld.sh`` instead: generated coin-collector games (a world is
+a set of games) and the environment loop; its success is the StepPO trainer's ``steppo/episode_reward/mean`` (the
+games reward through the environment, verl's ``critic/score`` is 0 there), so only this plugin's estimators run
+(``grpo`` is ``step_grpo``; ``gae`` is refused).
 
 Reported per arm, over all its runs (seeds x worlds): success per step with a 95% bootstrap interval (runs
 resampled), steps to ``--threshold`` success (median over runs; a run that never gets there counts as
@@ -28,13 +34,23 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from steppo_verl.dev.runs import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipe" / "steppo" / "run_cpu_vault.sh"
 RESULTS = Path(__file__).parent / "results"
-SUCCESS = "critic/score/mean"
+
+
+class Task(NamedTuple):
+    recipe: Path
+    success: str  # the metric of a step's success rate
+
+
+TASKS = {
+    "vault": Task(ROOT / "recipe" / "steppo" / "run_cpu_vault.sh", "critic/score/mean"),
+    "textworld": Task(ROOT / "recipe" / "steppo" / "run_cpu_textworld.sh", "steppo/episode_reward/mean"),
+}
 CRITIC_ERROR = "steppo/critic/state_abs_error"
 
 # name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides). One change per ablation, against `steppo`.
@@ -81,7 +97,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout_s: float,
-            extra: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
+            extra: tuple[str, ...] = (), task: Task = TASKS["vault"]) -> dict[str, list[float | None]]:
     """One training run; returns per-step success and critic error (None where not reported), in step order."""
     estimator, overrides = ARMS[arm]
     world_dir = work_dir / f"world{world}"
@@ -90,13 +106,13 @@ def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout
     env = {**os.environ, "PYTHON": sys.executable, "WORK_DIR": str(world_dir), "RUN_DIR": str(run_dir),
            "ESTIMATOR": estimator, "SEED": str(seed), "WORLD": str(world), "STEPS": str(steps),
            "RAY_DEDUP_LOGS": "0"}
-    result = run_in_session(["bash", str(RECIPE), *overrides, *extra], run_dir / "train.log", timeout_s,
+    result = run_in_session(["bash", str(task.recipe), *overrides, *extra], run_dir / "train.log", timeout_s,
                             cwd=run_dir, env=env)
     metrics = result.metrics
     if result.returncode != 0 or sorted(metrics) != list(range(1, steps + 1)):
         raise RuntimeError(f"{arm} seed {seed} world {world} failed (exit {result.returncode}); "
                            f"see {run_dir / 'train.log'}")
-    curve = {"success": [metrics[s][SUCCESS] for s in sorted(metrics)],
+    curve = {"success": [metrics[s][task.success] for s in sorted(metrics)],
              "critic_error": [metrics[s].get(CRITIC_ERROR) for s in sorted(metrics)],
              "wall_s": result.wall_s}
     print(f"{arm} seed {seed} world {world}: {result.wall_s:.0f} s, success "
@@ -183,10 +199,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="vault")
     parser.add_argument("--arms", nargs="+", default=["steppo", "grpo", "gae", "gigpo"], choices=sorted(ARMS))
     parser.add_argument("--list-arms", action="store_true", help="print the arms and their overrides, then exit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--worlds", nargs="+", type=int, default=[0, 1, 2], help="vault world seeds")
+    parser.add_argument("--worlds", nargs="+", type=int, default=[0, 1, 2],
+                        help="world seeds: the vault's layout, or the set of TextWorld games")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run (the budget)")
     parser.add_argument("--threshold", type=float, default=0.5, help="success level for 'steps to threshold'")
     parser.add_argument("--override", action="append", default=[], help="a hydra override added to every run")
@@ -209,12 +227,13 @@ def main() -> None:
     for world in args.worlds:
         for seed in args.seeds:
             for arm in args.arms:
-                curve = run_one(arm, seed, world, args.steps, args.work_dir, args.timeout_s, tuple(args.override))
+                curve = run_one(arm, seed, world, args.steps, args.work_dir, args.timeout_s, tuple(args.override),
+                                TASKS[args.task])
                 runs[arm].append({"seed": seed, "world": world, **curve})
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"steps": args.steps, "threshold": args.threshold, "runs": runs},
                                                indent=1))
-    report(runs, args.threshold, args.steps, args.out, f"Vault task on CPU: seeds {args.seeds}, worlds {args.worlds}")
+    report(runs, args.threshold, args.steps, args.out, f"{args.task} on CPU: seeds {args.seeds}, worlds {args.worlds}")
 
 
 def report(runs: dict[str, list[dict]], threshold: float, steps: int, out: Path, title: str) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "compute_step_rloo_advantage",
     "discounted_reverse_cumsum",
     "episode_baseline",
+    "observed_step_returns",
     "step_returns",
 ]
 
@@ -156,8 +157,10 @@ def step_returns(token_level_rewards: torch.Tensor, steps: Steps, gamma: float) 
     return discounted_reverse_cumsum(step_rewards(token_level_rewards, steps), gamma)
 
 
-def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor, center: bool = True) -> torch.Tensor:
-    """Whiten over steps, each step counted once (not once per token).
+def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor, center: bool = True,
+                  flat: bool = False) -> torch.Tensor:
+    """Whiten over steps, each step counted once (not once per token); zeros where ``flat`` (the batch's
+    returns are all equal: nothing to tell its steps apart, compute_steppo_advantage's ``skip_equal_returns``).
 
     ``center=False`` only divides by the standard deviation: advantages that already have a baseline
     (``r + gamma V(s') - V(s)``) keep their sign, so a step whose TD error is 0 (e.g. an answer the critic
@@ -171,11 +174,36 @@ def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor, center: boo
             "step-level whitening needs at least 2 steps in the batch, got 1; "
             "use a larger batch or set algorithm.steppo.whiten=false"
         )
+    if flat:
+        return torch.zeros_like(advantages)
     if center:
         whitened = masked_whiten(advantages, step_mask)
     else:
         whitened = advantages * torch.rsqrt(masked_var(advantages, step_mask) + 1e-8)
     return torch.where(step_mask, whitened, torch.zeros_like(advantages))
+
+
+def observed_step_returns(
+    rewards: torch.Tensor, steps: Steps, gamma: float, bootstrap_values: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, K]`` the return observed from step k on, ``G_k + gamma**(K - k) * V_K``, from ``[B, K]`` step rewards;
+    0 on absent steps. ``bootstrap_values`` ``[B]`` (0 where an episode terminated) continues cut-off episodes."""
+    outcomes = discounted_reverse_cumsum(rewards, gamma)
+    if bootstrap_values is not None:
+        columns = torch.arange(steps.max_steps, device=outcomes.device)
+        remaining = (steps.num_steps[:, None] - columns[None, :]).clamp(min=0).to(outcomes.dtype)
+        discount = torch.as_tensor(gamma, dtype=outcomes.dtype) ** remaining
+        outcomes = outcomes + discount * bootstrap_values.to(outcomes.dtype)[:, None]
+    return torch.where(steps.step_mask, outcomes, torch.zeros_like(outcomes))
+
+
+def _all_equal(x: torch.Tensor, mask: torch.Tensor, tolerance: float = 1e-6) -> bool:
+    """Whether the masked entries of ``x`` all lie within ``tolerance`` (relative to their size, at least 1)."""
+    if not bool(mask.any()):
+        return False
+    selected = x[mask]
+    spread = selected.max() - selected.min()
+    return bool(spread <= tolerance * max(1.0, float(selected.abs().max())))
 
 
 # ----------------------------------------------------------------------------- StepPO
@@ -191,6 +219,7 @@ def compute_steppo_advantage(
     bootstrap_values: torch.Tensor | None = None,
     whiten: bool = True,
     center: bool = True,
+    skip_equal_returns: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step-level GAE (StepPO): one TD error per agent step, broadcast to the step's tokens.
 
@@ -215,6 +244,13 @@ def compute_steppo_advantage(
         whiten: whiten the advantages over all steps in the batch, each step counted once.
         center: whitening subtracts the batch's mean step advantage (verl's ``masked_whiten``); ``False``
             divides by the standard deviation only, keeping each step's sign.
+        skip_equal_returns: with ``whiten`` and ``lam = 1``, a batch whose observed returns (reward-to-go, with
+            the bootstrap value where an episode is cut off) are equal at every step gets zero advantages, as GRPO
+            gives a group whose rewards are equal. Its advantages ``G - V(s_k)`` then depend on the states alone,
+            not on the actions taken (zero in expectation: only noise), and whitening scales them to unit size
+            whatever their size: on the depth-5 vault, batches without a success had step advantages of -9 to
+            +10 from values that differed by ~1e-2 (benchmarks/README.md). With ``lam < 1`` the TD errors read
+            V(s_{k+1}), which an action changes, so such batches are whitened as before.
 
     Returns:
         advantages: ``[B, L]`` A_k on the tokens of step k, 0 elsewhere.
@@ -247,7 +283,12 @@ def compute_steppo_advantage(
         advantages = discounted_reverse_cumsum(deltas, gamma * lam)
         returns = advantages + step_values
         if whiten:
-            advantages = _whiten_steps(advantages, step_mask, center)
+            # At lam = 1 a step's advantage is its observed return minus V(s_k): with the returns all equal it says
+            # nothing about the actions, only about the critic (lam < 1 reads V(s_{k+1}), which can).
+            flat = skip_equal_returns and lam == 1.0 and _all_equal(
+                observed_step_returns(rewards, steps, gamma, bootstrap_values), step_mask
+            )
+            advantages = _whiten_steps(advantages, step_mask, center, flat)
 
         out_dtype = _output_dtype(token_level_rewards)
         return (
@@ -550,6 +591,7 @@ def steppo_estimator(
         bootstrap_values=bootstrap_values,
         whiten=algorithm_option(config, "steppo.whiten", True),
         center=algorithm_option(config, "steppo.center", True),
+        skip_equal_returns=algorithm_option(config, "steppo.skip_equal_returns", True),
     )
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from steppo_verl.advantage import step_returns
+from steppo_verl.advantage import observed_step_returns
 from steppo_verl.endings import Ending
-from steppo_verl.protocol import Steps, gather_at_step_starts
+from steppo_verl.protocol import Steps, gather_at_step_starts, step_rewards
 
 __all__ = ["critic_state_metrics", "explained_variance", "observed_returns", "state_mean_returns", "step_metrics"]
 
@@ -38,18 +38,12 @@ def _summary(name: str, x: torch.Tensor) -> dict[str, float]:
 def observed_returns(
     token_level_rewards: torch.Tensor, steps: Steps, gamma: float, bootstrap_values: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``[B, K]`` the discounted return observed from step k on: ``G_k + gamma**(K - k) * V_K``.
+    """``[B, K]`` float64 discounted return observed from step k on: ``G_k + gamma**(K - k) * V_K``.
 
     ``G_k`` is the reward-to-go of the trajectory's own rewards; ``bootstrap_values`` ``[B]`` (V(s_K),
     0 for terminated episodes) continues the return of episodes the endings policy bootstraps.
     """
-    outcomes = step_returns(token_level_rewards.double(), steps, gamma)
-    if bootstrap_values is not None:
-        columns = torch.arange(steps.max_steps, device=outcomes.device)
-        remaining = (steps.num_steps[:, None] - columns[None, :]).clamp(min=0).double()
-        discount = torch.as_tensor(gamma, dtype=torch.float64) ** remaining
-        outcomes = outcomes + discount * bootstrap_values.double()[:, None]
-    return torch.where(steps.step_mask, outcomes, torch.zeros_like(outcomes))
+    return observed_step_returns(step_rewards(token_level_rewards.double(), steps), steps, gamma, bootstrap_values)
 
 
 def _states(step_keys: torch.Tensor, step_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +140,7 @@ def step_metrics(
     step_keys: torch.Tensor | None = None,
     endings: list[str] | None = None,
     outcomes: torch.Tensor | None = None,
+    episode_rewards: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of one training batch.
 
@@ -157,6 +152,10 @@ def step_metrics(
         step_keys: ``[B, K]`` state key of each step (the agent loop's), for :func:`critic_state_metrics`.
         endings: ``B`` names of :class:`~steppo_verl.endings.Ending`; reported as fractions of the batch.
         outcomes: ``[B, K]`` observed discounted return from each step on, for :func:`critic_state_metrics`.
+        episode_rewards: ``[B]`` what each trajectory earned (its outcome score plus its environment rewards,
+            undiscounted): ``steppo/episode_reward/*``, the success rate of tasks that reward a success with 1,
+            whether the reward is the outcome's (verl's ``critic/score``) or the environment's (``critic/score``
+            is 0 there).
     """
     mask = steps.step_mask
     step_adv = gather_at_step_starts(advantages.float(), steps)[mask]
@@ -175,6 +174,8 @@ def step_metrics(
         metrics["steppo/value_explained_var"] = explained_variance(step_values, step_returns)
         if step_keys is not None and outcomes is not None:
             metrics.update(critic_state_metrics(values_at_starts, outcomes, step_keys, mask))
+    if episode_rewards is not None:
+        metrics.update(_summary("episode_reward", episode_rewards.float()))
     if truncated is not None and truncated.numel():
         metrics["steppo/truncated_frac"] = float(truncated.float().mean())
     if endings:

@@ -40,32 +40,39 @@ __all__ = ["KEY_FIGURES", "Outcome", "RunConfig", "progress_line", "read_run_con
            "step_table", "summary", "write_learning_curve"]
 
 CONSOLE_MODES = ("auto", "compact", "full")
-SUCCESS = "critic/score/mean"
+# What a step's rollouts earned: the StepPO trainer's episode reward (outcome score plus environment rewards) where
+# the estimator is one of ours; verl's outcome score otherwise (its own estimators). They agree where a task has no
+# environment rewards; the environment loop's tasks score 0 and reward through the environment.
+REWARD = ("steppo/episode_reward/mean", "critic/score/mean")
 BAR_WIDTH = 20
 FAILED_TAIL_LINES = 30
 
 
 @dataclass(frozen=True)
 class Figure:
-    """One key figure of a training step: its column title, the verl metric and its format."""
+    """One key figure of a training step: its column title, the metric (the first of ``metrics`` the step
+    reports) and its format."""
 
     title: str
-    metric: str
+    metrics: tuple[str, ...]
     fmt: str
+
+    def value(self, step: dict[str, float]) -> float | None:
+        return next((step[name] for name in self.metrics if name in step), None)
 
 
 # The numbers to watch while a run trains; "-" where a run does not report one (no critic: no EV;
 # verl's own estimators: no step count).
 KEY_FIGURES = (
-    Figure("reward", SUCCESS, "{:.3f}"),
-    Figure("steps/traj", "steppo/num_steps/mean", "{:.2f}"),
-    Figure("value EV at step starts", "steppo/value_explained_var", "{:+.2f}"),
-    Figure("s/step", "timing_s/step", "{:.1f}"),
+    Figure("reward", REWARD, "{:.3f}"),
+    Figure("steps/traj", ("steppo/num_steps/mean",), "{:.2f}"),
+    Figure("value EV at step starts", ("steppo/value_explained_var",), "{:+.2f}"),
+    Figure("s/step", ("timing_s/step",), "{:.1f}"),
 )
 
 
 def _format(metrics: dict[str, float], figure: Figure) -> str:
-    value = metrics.get(figure.metric)
+    value = figure.value(metrics)
     if value is None:
         return "-"
     return "NaN" if math.isnan(value) else figure.fmt.format(value)  # NaN: e.g. EV of returns that are all equal
@@ -178,9 +185,11 @@ def report_lines(config: RunConfig, records: list[Path], report: Path) -> list[s
 
 def write_learning_curve(steps: dict[int, dict[str, float]], path: Path) -> str:
     """Success (mean reward of the step's rollouts) per training step as a PNG; returns the summary line."""
-    points = sorted((step, metrics[SUCCESS]) for step, metrics in steps.items() if SUCCESS in metrics)
+    reward = KEY_FIGURES[0]
+    values = {step: reward.value(metrics) for step, metrics in steps.items()}
+    points = sorted((step, value) for step, value in values.items() if value is not None)
     if not points:
-        return f"learning curve:  not drawn (no step reported {SUCCESS})"
+        return f"learning curve:  not drawn (no step reported {' or '.join(REWARD)})"
     try:
         import matplotlib
     except ImportError:

@@ -456,7 +456,8 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     endings = [Ending.from_code(c).value for c in fields["ending"].tolist()] if "ending" in fields else None
     if current is not None:
         current.metrics.update(
-            step_metrics(steps, advantages, returns, values, fields.get("truncated"), step_keys, endings, outcomes)
+            step_metrics(steps, advantages, returns, values, fields.get("truncated"), step_keys, endings, outcomes,
+                         rewards.sum(dim=-1))
         )
     if current is not None and current.dump is not None:
         current.dump(

@@ -92,3 +92,16 @@ def test_explained_variance_of_a_perfect_and_a_constant_prediction():
     target = torch.tensor([0.0, 1.0, 2.0])
     assert explained_variance(target, target) == pytest.approx(1.0)
     assert explained_variance(torch.full((3,), 1.0), target) == pytest.approx(0.0)
+
+
+def test_episode_reward_is_what_each_trajectory_earned_without_a_bootstrap_value():
+    mask = torch.tensor([[1, 0, 1], [1, 0, 0]])
+    steps = locate_steps(mask)
+    zeros = torch.zeros(2, 3)
+    # row 0 earned 0.5 from the environment and 1 at the end; row 1 nothing (and bootstraps V = 3, not earned)
+    rewards = torch.tensor([[0.5, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    metrics = step_metrics(steps, zeros, zeros, episode_rewards=rewards.sum(dim=-1),
+                           outcomes=observed_returns(rewards, steps, 1.0, torch.tensor([0.0, 3.0])))
+    assert metrics["steppo/episode_reward/mean"] == pytest.approx(0.75)
+    assert (metrics["steppo/episode_reward/max"], metrics["steppo/episode_reward/min"]) == (1.5, 0.0)
+    assert "steppo/episode_reward/mean" not in step_metrics(steps, zeros, zeros)

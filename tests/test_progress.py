@@ -80,6 +80,15 @@ def test_figures_a_run_does_not_report_show_as_a_dash():
     assert "steps/traj - " in line and "value EV at step starts - " in line and "reward 0.250" in line
 
 
+def test_the_reward_is_what_trajectories_earned_environment_rewards_included():
+    # The environment loop's tasks score 0 and reward through the environment: the StepPO trainer's episode
+    # reward is the figure; verl's outcome score where a run does not report one (verl's own estimators).
+    env_task = {**parsed(1), "critic/score/mean": 0.0, "steppo/episode_reward/mean": 0.375}
+    assert "reward 0.375" in progress_line(1, 2, env_task)
+    assert step_table({1: env_task}).splitlines()[2].startswith("| 1 | 0.375 |")
+    assert "reward 0.172" in progress_line(1, 2, parsed(1)), "no episode reward: verl's outcome score"
+
+
 def test_nan_explained_variance_of_equal_returns_shows_as_NaN():
     flat = step_metrics(metric_line(1, 0.0, 1.0, float("nan"), 3.3))[1]  # every return 0: EV undefined
     assert "value EV at step starts NaN |" in progress_line(1, 2, flat)
@@ -166,7 +175,8 @@ def test_without_matplotlib_the_learning_curve_is_a_note(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     line = write_learning_curve({1: parsed(1)}, tmp_path / "learning_curve.png")
     assert "not drawn (matplotlib is not installed" in line and not (tmp_path / "learning_curve.png").exists()
-    assert "no step reported critic/score/mean" in write_learning_curve({1: {}}, tmp_path / "c.png")
+    nothing = write_learning_curve({1: {}}, tmp_path / "c.png")
+    assert "no step reported steppo/episode_reward/mean or critic/score/mean" in nothing
 
 
 # ----------------------------------------------------------------------------- running a command

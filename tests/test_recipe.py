@@ -113,8 +113,15 @@ def lookup(config: dict, dotted: str):
     return config
 
 
+def composed_config(command: list[str]) -> dict:
+    """The configuration hydra composes for a training command (``--cfg job``), as plain data."""
+    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
+    assert composed.returncode == 0, composed.stderr[-3000:]
+    return yaml.safe_load(composed.stdout)
+
+
 def test_every_script_is_valid_bash():
-    assert len(SCRIPTS) == 13
+    assert len(SCRIPTS) == 14
     for script in SCRIPTS:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert result.returncode == 0, f"{script.name}: {result.stderr}"
@@ -129,9 +136,7 @@ def test_dry_run_prints_a_command_that_composes_to_the_expected_config(name, dat
     assert command[:3] == [sys.executable, "-m", "steppo_verl.main"]
     assert "would run:" in result.stdout and "--build-only" in result.stdout, "the index would be built first"
 
-    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
-    assert composed.returncode == 0, composed.stderr[-3000:]
-    config = yaml.safe_load(composed.stdout)
+    config = composed_config(command)
     for key, value in {**SHARED, **EXPECTED[name]}.items():
         assert lookup(config, key) == value, key
     assert lookup(config, "trainer.save_freq") == 7, "user overrides come last"
@@ -181,9 +186,7 @@ def test_cpu_smoke_dry_run_composes_the_cpu_platform_config(tmp_path):
         assert preparation in result.stdout
     command = shlex.split(result.stdout.strip().splitlines()[-1])
     assert command[:4] == [sys.executable, "-m", "steppo_verl.main", "+platform=cpu"]
-    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
-    assert composed.returncode == 0, composed.stderr[-3000:]
-    config = yaml.safe_load(composed.stdout)
+    config = composed_config(command)
     for key, value in {
         "trainer.device": "cpu",
         "actor_rollout_ref.rollout.name": "hf",
@@ -237,9 +240,7 @@ def test_vault_dry_run_gives_every_estimator_the_same_budget(estimator, tmp_path
     assert "steppo_verl.tasks.vault.prepare" in result.stdout and "--warm-start" in result.stdout
     command = shlex.split(result.stdout.strip().splitlines()[-1])
     assert command[:5] == [sys.executable, "-m", "steppo_verl.main", "+platform=cpu", "+task=vault"]
-    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
-    assert composed.returncode == 0, composed.stderr[-3000:]
-    config = yaml.safe_load(composed.stdout)
+    config = composed_config(command)
     for key, value in {
         **VAULT_ESTIMATORS[estimator],
         "data.train_batch_size": 8,
@@ -253,6 +254,54 @@ def test_vault_dry_run_gives_every_estimator_the_same_budget(estimator, tmp_path
     }.items():
         assert lookup(config, key) == value, key
     assert lookup(config, "actor_rollout_ref.rollout.multi_turn.tool_config_path").endswith("vault_tool.yaml")
+
+
+TEXTWORLD_ESTIMATORS = {  # the game rewards through env_rewards: GRPO is this plugin's step_grpo
+    **{name: VAULT_ESTIMATORS[name] for name in ("steppo", "gigpo", "hgpo")},
+    "grpo": {**VAULT_ESTIMATORS["grpo"], "algorithm.adv_estimator": "step_grpo"},
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("estimator", sorted(TEXTWORLD_ESTIMATORS))
+def test_textworld_dry_run_gives_every_estimator_the_vaults_budget_on_generated_games(estimator, tmp_path):
+    env = {"DRY_RUN": "1", "WORK_DIR": str(tmp_path), "ESTIMATOR": estimator, "SEED": "3", "STEPS": "5",
+           "WORLD": "2", "LEVEL": "3", "GAMES": "4", "DEMOS": "64", "WARM_START_STEPS": "50"}
+    result = run_script(RECIPE / "run_cpu_textworld.sh", env)
+    assert result.returncode == 0, result.stderr
+    games, model = [shlex.split(line.split("would run:", 1)[1]) for line in result.stdout.splitlines()
+                    if "would run:" in line]
+    assert "steppo_verl.tasks.textworld.prepare" in games
+    for option, value in {"--levels": "3", "--train-seeds": "2000:2004", "--val-seeds": "2004:2012",
+                          "--test-seeds": "0", "--demos": "64"}.items():
+        assert games[games.index(option) + 1] == value, option
+    assert model[-4:] == ["--warm-start", f"{tmp_path}/games-world2-level3/demos.jsonl", "--warm-start-steps", "50"]
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert command[:5] == [sys.executable, "-m", "steppo_verl.main", "+platform=cpu", "+task=textworld_cpu"]
+    config = composed_config(command)
+    for key, value in {
+        **TEXTWORLD_ESTIMATORS[estimator],
+        "data.train_batch_size": 8,
+        "actor_rollout_ref.rollout.n": 8,
+        "actor_rollout_ref.actor.optim.lr": 1e-3,  # tiny_policy.yaml, as the vault's
+        "actor_rollout_ref.actor.kl_loss_coef": 0.1,
+        "actor_rollout_ref.rollout.agent.default_agent_loop": "steppo_env_agent",
+        "actor_rollout_ref.rollout.multi_turn.max_assistant_turns": 6,
+        "data.max_response_length": 384,
+        "trainer.total_training_steps": 5,
+        "actor_rollout_ref.rollout.seed": 3,
+        "reward.custom_reward_function.path": "pkg://steppo_verl.envs.reward",
+        "data.train_files": f"{tmp_path}/games-world2-level3/train.parquet",
+    }.items():
+        assert lookup(config, key) == value, key
+    assert lookup(config, "actor_rollout_ref.rollout.agent.agent_loop_config_path").endswith("env_agent_loop.yaml")
+
+
+def test_textworld_refuses_verls_gae_which_would_drop_the_games_rewards(tmp_path):
+    env = {"DRY_RUN": "1", "WORK_DIR": str(tmp_path), "ESTIMATOR": "gae"}
+    result = run_script(RECIPE / "run_cpu_textworld.sh", env)
+    assert result.returncode != 0
+    assert "ESTIMATOR=gae (verl's) reads only the outcome score" in result.stderr
 
 
 # Stands in for the trainer (any other interpreter call goes to the real one): prints verl's metric lines
@@ -349,9 +398,7 @@ def test_paper_eval_dry_run_searches_each_dataset_in_its_own_index(eval_dir, tmp
     printed = subprocess.run(command + ["--dry-run"], capture_output=True, text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr[-3000:]
     main = shlex.split(printed.stdout.strip().splitlines()[-1])
-    composed = subprocess.run(main + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
-    assert composed.returncode == 0, composed.stderr[-3000:]
-    config = yaml.safe_load(composed.stdout)
+    config = composed_config(main)
     out = eval_dir / "results" / "policy"
     for key, value in {
         **POLICY_RUN,  # evaluated as trained
@@ -445,9 +492,7 @@ def test_alfworld_dry_run_composes_the_papers_alfworld_setting(name, alfworld_ro
     assert "would run" not in result.stdout, "prepared rows are used as they are"
     command = shlex.split(result.stdout.strip().splitlines()[-1])
     assert command[:4] == [sys.executable, "-m", "steppo_verl.main", "+task=alfworld"]
-    composed = subprocess.run(command + ["--cfg", "job"], capture_output=True, text=True, timeout=180)
-    assert composed.returncode == 0, composed.stderr[-3000:]
-    config = yaml.safe_load(composed.stdout)
+    config = composed_config(command)
     for key, value in {**ALFWORLD_SHARED, **ALFWORLD_EXPECTED[name]}.items():
         assert lookup(config, key) == value, key
     assert lookup(config, "algorithm.adv_estimator") in ESTIMATORS, "the env loop's rewards reach only ours"

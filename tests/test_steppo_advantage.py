@@ -195,6 +195,63 @@ def test_whitening_a_single_step_is_an_error_not_a_silent_zero():
         compute_steppo_advantage(torch.ones(1, 3), torch.zeros(1, 3), mask, whiten=True)
 
 
+def _failed_doors(success_row: int | None = None, bootstrap=None):
+    """Four two-step episodes (a door, then an answer); all failed unless ``success_row`` earned 1. The critic's
+    values differ by ~1e-2, as a nearly flat critic's do."""
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 4)
+    rewards = torch.zeros(4, 5)
+    if success_row is not None:
+        rewards[success_row, 4] = 1.0
+    values = torch.tensor([[0.07, 0.0, 0.0, 0.08, 0.0], [0.071, 0.0, 0.0, 0.079, 0.0],
+                           [0.069, 0.0, 0.0, 0.081, 0.0], [0.07, 0.0, 0.0, 0.078, 0.0]])
+    return compute_steppo_advantage(rewards, values, mask, bootstrap_values=bootstrap, skip_equal_returns=True), (
+        compute_steppo_advantage(rewards, values, mask, bootstrap_values=bootstrap, skip_equal_returns=False))
+
+
+def test_a_batch_whose_returns_are_all_equal_gets_zero_advantages_not_whitened_critic_noise():
+    (adv, ret), (noise, noise_ret) = _failed_doors()
+    assert torch.count_nonzero(adv) == 0
+    torch.testing.assert_close(ret, noise_ret), "the critic's targets are the observed returns either way"
+    assert float(ret[:, [0, 3]].abs().max()) == pytest.approx(0.0, abs=1e-7), "every return is 0"
+    step_noise = noise[:, [0, 3]]
+    assert float(step_noise.std()) == pytest.approx(1.0, abs=0.1), "whitened, 1e-2 of critic noise is unit-sized"
+    assert float(step_noise.abs().max()) > 1.0
+
+
+def test_with_lam_below_one_equal_returns_are_whitened_as_before_the_td_errors_read_the_next_state():
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 2)
+    values = torch.tensor([[0.1, 0.0, 0.0, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0]])  # right door vs dead end
+    on = compute_steppo_advantage(torch.zeros(2, 5), values, mask, lam=0.0, skip_equal_returns=True)[0]
+    off = compute_steppo_advantage(torch.zeros(2, 5), values, mask, lam=0.0, skip_equal_returns=False)[0]
+    torch.testing.assert_close(on, off)
+    assert float(on[0, 0]) > 0 > float(on[1, 0]), "the door into a room the critic values beats the dead end"
+
+
+def test_a_batch_with_one_success_is_whitened_as_before():
+    (adv, _), (whitened, _) = _failed_doors(success_row=2)
+    torch.testing.assert_close(adv, whitened)
+    success_steps, other_steps = adv[2, [0, 3]], adv[[0, 1, 3]][:, [0, 3]]
+    assert float(success_steps.min()) > 1.0 > 0 > float(other_steps.max()), "the success's steps stand out"
+
+
+def test_cut_off_episodes_with_different_bootstrap_values_are_not_equal_returns():
+    (adv, _), (whitened, _) = _failed_doors(bootstrap=torch.tensor([0.0, 0.0, 0.3, 0.0]))
+    torch.testing.assert_close(adv, whitened)
+    assert torch.count_nonzero(adv) > 0
+
+
+def test_registered_entry_reads_skip_equal_returns_from_config():
+    from omegaconf import OmegaConf
+
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 3)
+    values = torch.rand(3, 5) * 0.1
+    on = steppo_estimator(torch.zeros(3, 5), mask, config=OmegaConf.create({}), values=values)[0]
+    off = steppo_estimator(torch.zeros(3, 5), mask, values=values,
+                           config=OmegaConf.create({"steppo": {"skip_equal_returns": False}}))[0]
+    assert torch.count_nonzero(on) == 0, "on by default"
+    assert torch.count_nonzero(off) > 0
+
+
 def test_registered_entry_refuses_to_run_without_critic_values():
     layout = random_layout(0)
     with pytest.raises(ValueError, match="critic.enable=true"):

@@ -5,6 +5,7 @@ walkthrough winning through the environment agent loop with a scripted server (t
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
@@ -17,7 +18,7 @@ from test_env_loop import act, run, step_layout
 
 from steppo_verl.endings import Ending
 from steppo_verl.env_loop import ENV_AGENT
-from steppo_verl.envs import make_env
+from steppo_verl.envs import make_env, parse_action
 from steppo_verl.envs.reward import compute_score
 from steppo_verl.tasks.textworld.env import INSTALL_HINT, import_textworld
 from steppo_verl.tasks.textworld.prepare import (
@@ -27,6 +28,7 @@ from steppo_verl.tasks.textworld.prepare import (
     check_settings,
     main,
     parse_seeds,
+    write_demonstrations,
     write_task,
 )
 
@@ -80,6 +82,18 @@ def test_overlapping_seeds_on_the_command_line_stop_before_generating(tmp_path, 
         main(["--out", str(tmp_path), "--train-seeds", "0:4", "--val-seeds", "2", "--test-seeds", "0"])
     assert "train and validation splits share seeds [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "games").exists(), "nothing generated"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--demos", "-1"], "--demos must be >= 0"),
+    (["--demos", "4", "--demo-turns", "0"], "--demo-turns >= 1"),
+    (["--demos", "4", "--train-seeds", "0"], "--demos plays the training games"),
+])
+def test_demonstration_options_that_cannot_work_stop_before_generating(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), *argv])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing generated"
 
 
 def test_task_yaml_selects_the_env_loop_and_the_reward_that_adds_nothing():
@@ -146,6 +160,44 @@ def test_prepare_again_keeps_the_games_already_generated(task_dir):
     before = game_file.stat().st_mtime_ns
     write_task(task_dir, "tw-coin_collector", [LEVEL], {"train": [0]})
     assert game_file.stat().st_mtime_ns == before
+
+
+def read_demonstrations(path: Path) -> list[list[dict[str, str]]]:
+    return [json.loads(line)["messages"] for line in path.read_text().splitlines()]
+
+
+def test_demonstrations_play_admissible_commands_of_the_training_games_as_the_env_loop_shows_them(task_dir, rows):
+    demos = read_demonstrations(write_demonstrations(task_dir, count=6, max_turns=3, seed=1))
+    assert len(demos) == 6
+    spec, task, _ = game(rows)
+    env = make_env(spec)
+    first = env.reset(task).observation
+    for messages in demos:
+        assert messages[0] == {"role": "system", "content": SYSTEM_PROMPT}, "the rows' instructions"
+        assert messages[1] == {"role": "user", "content": first}, "the training game's first observation, as reset"
+        assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * ((len(messages) - 1) // 2)
+        assert 1 <= (len(messages) - 1) // 2 <= 3, "at most max_turns commands"
+        state = env.reset(task)
+        for turn in range(1, len(messages), 2):  # replay: each command was admissible where it was played
+            command = parse_action(messages[turn + 1]["content"])
+            assert command in state.info["admissible_commands"], (command, state.info["admissible_commands"])
+            assert messages[turn]["content"] == state.observation
+            state = env.step(command)
+        assert state.terminated or (len(messages) - 1) // 2 == 3, "a demonstration stops at the game's end or the limit"
+    env.close()
+    validation_game = dict(rows["validation"].iloc[0]["extra_info"]["env_task"])["game_file"]
+    assert validation_game not in json.dumps(demos)
+    again = read_demonstrations(write_demonstrations(task_dir, count=6, max_turns=3, seed=1))
+    assert again == demos, "the same seed plays the same commands"
+    other = read_demonstrations(write_demonstrations(task_dir, count=6, max_turns=3, seed=2))
+    assert other != demos
+
+
+def test_demonstrations_need_the_training_games(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train.parquet not found"):
+        write_demonstrations(tmp_path, count=2, max_turns=3)
+    with pytest.raises(ValueError, match="count >= 1"):
+        write_demonstrations(tmp_path, count=0, max_turns=3)
 
 
 def test_walkthrough_wins_with_the_score_delta_on_the_winning_step(rows):

@@ -136,6 +136,8 @@ def test_steppo_advantages_from_transfer_queue(transfer_queue, trajectories):
     assert metrics["steppo/ending/turn_limit"] == pytest.approx(0.25)
     assert metrics["steppo/ending/answer"] == pytest.approx(0.75)
     assert metrics["steppo/num_steps/max"] == 3 and metrics["steppo/num_steps/min"] == 1
+    assert metrics["steppo/episode_reward/mean"] == pytest.approx(float(rewards.sum(dim=-1).mean())), (
+        "outcome score plus environment rewards, without the bootstrap value")
     # The four trajectories start from the same prompt: step 0 is one state visited four times.
     assert metrics["steppo/critic/repeated_states"] >= 1
     assert all(np.isfinite(v) for v in metrics.values())

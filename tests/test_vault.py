@@ -282,6 +282,26 @@ def test_the_warm_start_learns_the_format_and_saves_the_model(task, policy_dir, 
         warm_start(policy_dir, empty, steps=1)
 
 
+def test_an_interrupted_warm_start_leaves_no_model_for_the_recipe_to_take(task, tmp_path, monkeypatch):
+    from steppo_verl.dev import tiny_model, warm_start as warm_start_module
+
+    out, _ = task
+    model = tmp_path / "model"
+    argv = ["--out", str(model), "--warm-start", str(out / "demos.jsonl"), "--warm-start-steps", "2"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(warm_start_module, "warm_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.main(argv)
+    assert not model.exists(), "run_cpu_vault.sh would take its config.json for a finished model"
+    monkeypatch.undo()
+    tiny_model.main(argv)  # again, to the end: the leftover partial model is replaced
+    assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
+    assert not (tmp_path / "model.partial").exists()
+
+
 # ---------------------------------------------------------------- one episode through the real agent loop
 
 

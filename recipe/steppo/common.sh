@@ -43,6 +43,44 @@ die() { echo "error: $*" >&2; exit 1; }
 TOKEN_LOSS=(actor_rollout_ref.actor.policy_loss.loss_mode=vanilla
   actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.2)
 
+# The CPU learning recipes' estimators (run_cpu_vault.sh, run_cpu_textworld.sh): sets ESTIMATOR_OVERRIDES, the
+# hydra overrides of ESTIMATOR, every one at the same budget (the task's 8 prompts x 8 rollouts). With the argument
+# `env` (tasks that reward through the environment loop's env_rewards, which verl's own estimators never read)
+# grpo is this plugin's step_grpo (at gamma 1 with one reward per episode: GRPO's advantages) and gae is refused.
+cpu_estimator_overrides() {
+  local grpo=grpo
+  if [ "${1:-}" = env ]; then
+    grpo=step_grpo
+    [ "$ESTIMATOR" = gae ] && die "ESTIMATOR=gae (verl's) reads only the outcome score, and this task rewards \
+through the environment; use steppo, grpo, gigpo or hgpo"
+  fi
+  case "$ESTIMATOR" in
+    steppo) ESTIMATOR_OVERRIDES=() ;;  # steppo_trainer.yaml: step GAE with a critic, one clipped ratio per step
+    grpo) ESTIMATOR_OVERRIDES=("algorithm.adv_estimator=$grpo" critic.enable=false "${TOKEN_LOSS[@]}") ;;
+    gae) ESTIMATOR_OVERRIDES=(algorithm.adv_estimator=gae "${TOKEN_LOSS[@]}") ;;
+    gigpo) ESTIMATOR_OVERRIDES=(algorithm.adv_estimator=gigpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
+    hgpo) ESTIMATOR_OVERRIDES=(algorithm.adv_estimator=hgpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
+    *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo, hgpo; got '$ESTIMATOR'" ;;
+  esac
+}
+
+# The CPU learning recipes' overrides for the run itself (MODEL_PATH, SEED, STEPS, RUN_DIR): sets RUN_OVERRIDES.
+cpu_run_overrides() {
+  RUN_OVERRIDES=("actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
+    "data.seed=$SEED" "actor_rollout_ref.rollout.seed=$SEED"
+    "trainer.total_training_steps=$STEPS" "trainer.default_local_dir=$RUN_DIR/checkpoints"
+    "hydra.run.dir=$RUN_DIR/hydra")
+}
+
+# The CPU learning recipes' last step: print the training command in a dry run, else run it with the readable
+# console, the summary and the learning curve (steppo_verl/progress.py), its outputs in RUN_DIR.
+run_cpu_learning() {
+  if [ "$DRY_RUN" = 1 ]; then printf "%q " "$@"; echo; exit 0; fi
+  : "${LOG_FILE:=$RUN_DIR/run.log}"
+  exec "$PYTHON" -m steppo_verl.progress --log "$LOG_FILE" --console "$CONSOLE" --report "$RUN_DIR/report.html" \
+    --curve "$RUN_DIR/learning_curve.png" -- "$@"
+}
+
 # The group-baseline setting of the baselines without a critic: the token loss, 8 rollouts per prompt
 # (the group), 32 prompts per batch [paper's GRPO/GiGPO setting].
 GROUP_BASELINE=("${TOKEN_LOSS[@]}" critic.enable=false actor_rollout_ref.rollout.n=8

@@ -21,14 +21,7 @@ source "$(dirname "$0")/common.sh"
 : "${WORLD:=0}"
 export HF_HUB_OFFLINE=1
 
-case "$ESTIMATOR" in
-  steppo) algorithm=() ;;  # steppo_trainer.yaml: step GAE with a critic, one clipped ratio per step
-  grpo) algorithm=(algorithm.adv_estimator=grpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
-  gae) algorithm=(algorithm.adv_estimator=gae "${TOKEN_LOSS[@]}") ;;
-  gigpo) algorithm=(algorithm.adv_estimator=gigpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
-  hgpo) algorithm=(algorithm.adv_estimator=hgpo critic.enable=false "${TOKEN_LOSS[@]}") ;;
-  *) die "ESTIMATOR must be one of steppo, grpo, gae, gigpo, hgpo; got '$ESTIMATOR'" ;;
-esac
+cpu_estimator_overrides
 
 check_python
 quiet_logs
@@ -45,16 +38,9 @@ read -r -a vault_options <<< "${VAULT_OPTIONS:-}"
   --warm-start "$TASK_DIR/demos.jsonl" --added-tokens "$TASK_DIR/added_tokens.json" \
   --warm-start-steps "${WARM_START_STEPS:-500}"
 
-cmd=("$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${algorithm[@]}"
-  "actor_rollout_ref.model.path=$MODEL_PATH" "critic.model.path=$MODEL_PATH"
-  "data.train_files=$TASK_DIR/train.parquet" "data.val_files=$TASK_DIR/val.parquet"
-  "actor_rollout_ref.rollout.multi_turn.tool_config_path=$(package_file tasks vault vault_tool.yaml)"
-  "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file tasks vault vault_agent_loop.yaml)"
-  "data.seed=$SEED" "actor_rollout_ref.rollout.seed=$SEED"
-  "trainer.total_training_steps=$STEPS" "trainer.default_local_dir=$RUN_DIR/checkpoints"
-  "hydra.run.dir=$RUN_DIR/hydra")
-cmd+=("$@")
-if [ "$DRY_RUN" = 1 ]; then printf "%q " "${cmd[@]}"; echo; exit 0; fi
-: "${LOG_FILE:=$RUN_DIR/run.log}"
-exec "$PYTHON" -m steppo_verl.progress --log "$LOG_FILE" --console "$CONSOLE" --report "$RUN_DIR/report.html" \
-  --curve "$RUN_DIR/learning_curve.png" -- "${cmd[@]}"
+cpu_run_overrides
+run_cpu_learning "$PYTHON" -m steppo_verl.main +platform=cpu +task=vault "${ESTIMATOR_OVERRIDES[@]}" \
+  "data.train_files=$TASK_DIR/train.parquet" "data.val_files=$TASK_DIR/val.parquet" \
+  "actor_rollout_ref.rollout.multi_turn.tool_config_path=$(package_file tasks vault vault_tool.yaml)" \
+  "actor_rollout_ref.rollout.agent.agent_loop_config_path=$(package_file tasks vault vault_agent_loop.yaml)" \
+  "${RUN_OVERRIDES[@]}" "$@"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def build_tiny_model(
     return out_dir
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory to write the model and tokenizer to")
     parser.add_argument("--hidden-size", type=int, default=64)
@@ -139,16 +140,23 @@ def main() -> None:
                         help="demonstrations: their text joins the tokenizer's, then the model is fine-tuned on them")
     parser.add_argument("--warm-start-steps", type=int, default=500)
     parser.add_argument("--added-tokens", type=Path, metavar="JSON", help="a JSON list of strings to make one token each")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     extra_text = demonstration_text(args.warm_start) if args.warm_start else ""
     extra_tokens = json.loads(args.added_tokens.read_text()) if args.added_tokens else ()
-    path = build_tiny_model(args.out, args.hidden_size, args.layers, args.seed, extra_text, extra_tokens)
-    print(f"wrote a tiny Qwen2 model and tokenizer to {path}")
+    # Built and warm-started beside --out, then moved there: the recipes take an existing --out for a finished
+    # model, so an interrupted warm start must not leave one behind.
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny_model(partial, args.hidden_size, args.layers, args.seed, extra_text, extra_tokens)
     if args.warm_start:
         from steppo_verl.dev.warm_start import warm_start
 
-        losses = warm_start(path, args.warm_start, steps=args.warm_start_steps, seed=args.seed)
+        losses = warm_start(partial, args.warm_start, steps=args.warm_start_steps, seed=args.seed)
         print(f"warm start on {args.warm_start}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    print(f"wrote a tiny Qwen2 model and tokenizer to {out}")
 
 
 def demonstration_text(demos: Path, limit: int = 200) -> str:

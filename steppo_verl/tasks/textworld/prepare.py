@@ -15,6 +15,14 @@ one game per level and seed, made by TextWorld's own generator (what ``tw-make <
   ``extra_info.walkthrough``: the game's winning commands (for warm starts and scripted checks);
 - ``reward_model``: verl requires one; the reward is the game's (:mod:`steppo_verl.envs.reward`).
 
+With ``--demos N`` it also writes ``DIR/demos.jsonl``: N conversations that play *uniformly random admissible
+commands* in the training games, as the environment loop presents them (the instructions, the game's first
+observation as the first user turn, one ``<action>...</action>`` per assistant turn, the game's answers as user
+turns), for the tiny policy's warm start (``python -m steppo_verl.dev.tiny_model --warm-start DIR/demos.jsonl``):
+it learns to pick a command from the list the game shows, and nothing about which command wins (a random
+command is as likely to win there as the untrained policy's is after the warm start). Validation and test games
+never appear in them.
+
 Seeds: each ``--X-seeds`` is a count ``N`` or a half-open range ``A:B``. Counts take consecutive seeds from
 ``--first-seed`` in the order train, validation, test; a split's seeds are the same for every level. The
 splits must not share a seed: a validation game made from a training seed would be a training game.
@@ -23,6 +31,8 @@ splits must not share a seed: a validation game made from a training seed would 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +40,11 @@ from typing import Any
 import pandas as pd
 
 from steppo_verl.env_loop import ENV_AGENT
-from steppo_verl.tasks.textworld.env import import_textworld
+from steppo_verl.tasks.textworld.env import TextWorldEnv, import_textworld
 
 __all__ = ["CHALLENGES", "SPLITS", "SYSTEM_PROMPT", "assign_seeds", "build_row", "check_settings",
-           "game_row", "generate_game", "parse_seeds", "write_task"]
+           "game_row", "generate_game", "parse_seeds", "random_command_demonstration", "write_demonstrations",
+           "write_task"]
 
 ENV_SPEC = {"class": "steppo_verl.tasks.textworld.env.TextWorldEnv"}
 # TextWorld's built-in challenges whose only setting is a difficulty level, and their highest level
@@ -173,6 +184,47 @@ def write_task(out_dir: Path, challenge: str, levels: list[int], seeds: dict[str
     return written
 
 
+def action_text(command: str) -> str:
+    """An assistant turn that plays ``command``, in the format the instructions ask for."""
+    return f"<action>{command}</action>"
+
+
+def random_command_demonstration(env: TextWorldEnv, task: dict[str, Any], rng: random.Random,
+                                 max_turns: int) -> list[dict[str, str]]:
+    """A conversation that plays uniformly random admissible commands from the game's first room until the game
+    ends or ``max_turns`` commands were played; the game's last answer is not shown (nothing follows it)."""
+    state = env.reset(task)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": state.observation}]
+    for turn in range(max_turns):
+        command = rng.choice(state.info["admissible_commands"])
+        messages.append({"role": "assistant", "content": action_text(command)})
+        state = env.step(command)
+        if state.terminated or turn == max_turns - 1:
+            break
+        messages.append({"role": "user", "content": state.observation})
+    return messages
+
+
+def write_demonstrations(out_dir: Path, count: int, max_turns: int, seed: int = 0) -> Path:
+    """``out_dir/demos.jsonl``: ``count`` random-command conversations in the games of ``out_dir/train.parquet``
+    (each game in turn, the commands drawn from ``seed``)."""
+    if count < 1 or max_turns < 1:
+        raise ValueError(f"demonstrations need count >= 1 and max_turns >= 1, got {count} and {max_turns}")
+    train = out_dir / "train.parquet"
+    if not train.is_file():
+        raise FileNotFoundError(f"{train} not found: demonstrations play the training games (give --train-seeds)")
+    tasks = [dict(info["env_task"]) for info in pd.read_parquet(train)["extra_info"]]
+    rng, env, path = random.Random(seed), TextWorldEnv(), out_dir / "demos.jsonl"
+    try:
+        with path.open("w") as demos:
+            for index in range(count):
+                messages = random_command_demonstration(env, tasks[index % len(tasks)], rng, max_turns)
+                demos.write(json.dumps({"messages": messages}) + "\n")
+    finally:
+        env.close()
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="directory for the games and the parquet files")
@@ -182,8 +234,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-seeds", type=parse_seeds, default=SeedSpec(count=16), help="N or A:B (16)")
     parser.add_argument("--test-seeds", type=parse_seeds, default=SeedSpec(count=16), help="N or A:B (16)")
     parser.add_argument("--first-seed", type=int, default=0, help="the first seed of the counted splits")
+    parser.add_argument("--demos", type=int, default=0,
+                        help="write DIR/demos.jsonl: this many random-command plays of the training games (0: none)")
+    parser.add_argument("--demo-turns", type=int, default=10, help="commands per demonstration at most (10)")
     args = parser.parse_args(argv)
     try:
+        if args.demos < 0 or args.demo_turns < 1:
+            raise ValueError(f"--demos must be >= 0 and --demo-turns >= 1, got {args.demos} and {args.demo_turns}")
+        if args.demos and not (args.train_seeds.count or args.train_seeds.seeds):
+            raise ValueError("--demos plays the training games: give --train-seeds")
         check_settings(args.challenge, args.levels)
         specs = dict(zip(SPLITS, (args.train_seeds, args.val_seeds, args.test_seeds), strict=True))
         seeds = assign_seeds(specs, args.first_seed)
@@ -193,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
     written = write_task(args.out, args.challenge, args.levels, seeds)
     print(f"wrote {args.challenge} levels {args.levels} to {args.out}: "
           + ", ".join(f"{split} {count} games" for split, count in written.items()))
+    if args.demos:
+        path = write_demonstrations(args.out, args.demos, args.demo_turns, args.first_seed)
+        print(f"wrote {args.demos} random-command demonstrations to {path}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@
   (:func:`steppo_verl.transcript.policy_answer`), so that both tasks read ``<answer>`` alike.
 - :mod:`~steppo_verl.tasks.vault.representable`: ``python -m steppo_verl.tasks.vault.representable``, whether
   the warm-started tiny policy can represent a world's optimal policy at all.
-- config: ``steppo_verl/config/task/vault.yaml`` (``+task=vault``; hydra looks for task configs under
+- config: ``steppo_verl/config/task/vault.yaml`` (``+task=vault``, on top of ``tiny_policy.yaml``, the CPU tasks'
+  learning settings; hydra looks for task configs under
   ``steppo_verl/config/task``). ``recipe/steppo/run_cpu_vault.sh`` runs it all.
 
 The tiny model and its warm start on the demonstrations are task-independent development helpers
