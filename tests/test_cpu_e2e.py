@@ -169,8 +169,11 @@ def test_steppo_cpu_recipe_trains_end_to_end(tmp_path):
     """The README's CPU command: StepPO with the critic, our agent loop, search tool, loss and estimator;
     what a person sees of it: a line per step, the summary, the trajectory report it built."""
     work = tmp_path / "smoke"
-    # A large actor lr makes a missed weight sync visible as a rollout/actor log-prob gap at step 2.
-    cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3"]
+    # A large actor lr makes a missed weight sync visible as a rollout/actor log-prob gap at step 2. The random
+    # tiny model earns no reward, and StepPO gives a batch of equal returns zero advantages (no update to
+    # check): this run keeps them to exercise the update path.
+    cmd = ["bash", str(RECIPE / "run_cpu_smoke.sh"), "actor_rollout_ref.actor.optim.lr=1e-3",
+           "algorithm.steppo.skip_equal_returns=false"]
     shown = run_in_session(cmd, tmp_path, PYTHON=sys.executable, WORK_DIR=str(work), STEPS="2", CONSOLE="compact")
     console = shown.log
     log = summary_path(console, "full log")
