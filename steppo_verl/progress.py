@@ -63,8 +63,9 @@ class Figure:
 
 # The numbers to watch while a run trains; "-" where a run does not report one (no critic: no EV;
 # verl's own estimators: no step count).
+REWARD_FIGURE = Figure("reward", REWARD, "{:.3f}")  # also the learning curve's
 KEY_FIGURES = (
-    Figure("reward", REWARD, "{:.3f}"),
+    REWARD_FIGURE,
     Figure("steps/traj", ("steppo/num_steps/mean",), "{:.2f}"),
     Figure("value EV at step starts", ("steppo/value_explained_var",), "{:+.2f}"),
     Figure("s/step", ("timing_s/step",), "{:.1f}"),
@@ -185,8 +186,7 @@ def report_lines(config: RunConfig, records: list[Path], report: Path) -> list[s
 
 def write_learning_curve(steps: dict[int, dict[str, float]], path: Path) -> str:
     """Success (mean reward of the step's rollouts) per training step as a PNG; returns the summary line."""
-    reward = KEY_FIGURES[0]
-    values = {step: reward.value(metrics) for step, metrics in steps.items()}
+    values = {step: REWARD_FIGURE.value(metrics) for step, metrics in steps.items()}
     points = sorted((step, value) for step, value in values.items() if value is not None)
     if not points:
         return f"learning curve:  not drawn (no step reported {' or '.join(REWARD)})"

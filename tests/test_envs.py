@@ -9,6 +9,7 @@ from steppo_verl.envs import (
     CorridorEnv,
     InvalidAction,
     StepResult,
+    action_text,
     check_action_tag,
     make_env,
     parse_action,
@@ -122,6 +123,12 @@ def test_step_result_observation_that_is_not_text_is_rejected():
 
 def test_action_inside_the_last_action_tag():
     assert parse_action("I think <action>left</action> is bad. <action> right </action>") == "right"
+
+
+def test_an_action_written_as_a_turn_is_parsed_back():
+    assert action_text("go north") == "<action>go north</action>"
+    assert parse_action(action_text("take coin")) == "take coin"
+    assert parse_action(action_text("open", action_tag="do"), action_tag="do") == "open"
 
 
 def test_action_as_the_whole_turn_without_a_tag():

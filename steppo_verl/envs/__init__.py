@@ -11,7 +11,7 @@
 The modules here need neither verl nor torch.
 """
 
-from steppo_verl.envs.actions import InvalidAction, check_action_tag, invalid_action_text, parse_action
+from steppo_verl.envs.actions import InvalidAction, action_text, check_action_tag, invalid_action_text, parse_action
 from steppo_verl.envs.base import ENVIRONMENTS, Environment, StepResult, make_env, register_env
 from steppo_verl.envs.corridor import CorridorEnv
 
@@ -21,6 +21,7 @@ __all__ = [
     "Environment",
     "InvalidAction",
     "StepResult",
+    "action_text",
     "check_action_tag",
     "invalid_action_text",
     "make_env",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["InvalidAction", "check_action_tag", "invalid_action_text", "parse_action"]
+__all__ = ["InvalidAction", "action_text", "check_action_tag", "invalid_action_text", "parse_action"]
 
 
 class InvalidAction(ValueError):
@@ -44,6 +44,11 @@ def parse_action(text: str, action_tag: str | None = "action") -> str:
     if not action:
         raise InvalidAction("the action is empty")
     return action
+
+
+def action_text(action: str, action_tag: str = "action") -> str:
+    """An assistant turn that :func:`parse_action` reads as ``action`` (e.g. a demonstration's turn)."""
+    return f"<{action_tag}>{action}</{action_tag}>"
 
 
 def invalid_action_text(reason: str) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 import pandas as pd
 
 from steppo_verl.env_loop import ENV_AGENT
+from steppo_verl.envs import action_text
 from steppo_verl.tasks.textworld.env import TextWorldEnv, import_textworld
 
 __all__ = ["CHALLENGES", "SPLITS", "SYSTEM_PROMPT", "assign_seeds", "build_row", "check_settings",
@@ -182,11 +183,6 @@ def write_task(out_dir: Path, challenge: str, levels: list[int], seeds: dict[str
             pd.DataFrame(rows).to_parquet(out_dir / f"{split}.parquet")
         written[split] = len(rows)
     return written
-
-
-def action_text(command: str) -> str:
-    """An assistant turn that plays ``command``, in the format the instructions ask for."""
-    return f"<action>{command}</action>"
 
 
 def random_command_demonstration(env: TextWorldEnv, task: dict[str, Any], rng: random.Random,
