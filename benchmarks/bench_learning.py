@@ -34,8 +34,11 @@ import random
 import statistics
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from omegaconf import OmegaConf
+
+from steppo_verl.branch_worker import MANAGER_CLASS
 from steppo_verl.dev.runs import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +48,30 @@ RESULTS = Path(__file__).parent / "results"
 class Task(NamedTuple):
     recipe: Path
     success: str  # the metric of a step's success rate
+    agent_loops: Path | None = None  # the recipe's agent-loop yaml, where its steppo_agent can branch
 
 
 TASKS = {
-    "vault": Task(ROOT / "recipe" / "steppo" / "run_cpu_vault.sh", "critic/score/mean"),
+    "vault": Task(ROOT / "recipe" / "steppo" / "run_cpu_vault.sh", "critic/score/mean",
+                  ROOT / "steppo_verl" / "tasks" / "vault" / "vault_agent_loop.yaml"),
     "textworld": Task(ROOT / "recipe" / "steppo" / "run_cpu_textworld.sh", "steppo/episode_reward/mean"),
 }
+
+
+class Arm(NamedTuple):
+    estimator: str  # ESTIMATOR of the recipe
+    overrides: tuple[str, ...] = ()  # hydra overrides after the recipe's own
+    branching: dict[str, Any] | None = None  # steppo_agent's branching block (ARPO's rollouts), None: plain rollouts
+
+
+# ARPO's budget (its scripts: 8 whole rollouts, then branches up to 16 per prompt, beam 2) at the 8 rows per prompt
+# of the other arms: 4 whole rollouts, branches up to 8.
+BRANCHING = {"initial_rollouts": 4, "total_rollouts": 8, "beam": 2}
 CRITIC_ERROR = "steppo/critic/state_abs_error"
 
-# name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides). One change per ablation, against `steppo`.
-ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
+# name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides[, branching]). One change per ablation, against
+# `steppo`.
+ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo": ("steppo", ()),
     "grpo": ("grpo", ()),
     "gae": ("gae", ()),
@@ -79,6 +96,8 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "steppo+lam0.9": ("steppo", ("algorithm.lam=0.9",)),
     "steppo+lam0.5": ("steppo", ("algorithm.lam=0.5",)),
     "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
+    # bootstrapping pays only with a critic that keeps up with the policy (bench_credit.py): more critic epochs
+    "steppo+critic_epochs4+lam0.5": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5")),
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
     "steppo+state_values+lam0": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")),
@@ -93,18 +112,40 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "steppo+state_values+lam0+uncentred": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
                                                       "algorithm.steppo.center=false")),
     "hgpo": ("hgpo", ()),
-}
+    # branching rollouts (ARPO's entropy rule), 8 rows per prompt as above; ESTIMATOR=grpo: no critic, token loss
+    "arpo": ("grpo", ("algorithm.adv_estimator=arpo",), BRANCHING),
+    # StepPO on branching rollouts, the Monte-Carlo value of a shared state from its branches where it has them
+    "steppo+branch_returns": ("steppo", ("algorithm.steppo.values=branch_returns",), BRANCHING),
+}.items()}
+
+
+def arm_overrides(arm: Arm, task: Task, run_dir: Path) -> tuple[str, ...]:
+    """The arm's hydra overrides; a branching arm also writes the task's agent-loop yaml with the branching block
+    into ``run_dir`` and turns on branching there (one sample returns ``total_rollouts`` rows: ``rollout.n=1``)."""
+    if arm.branching is None:
+        return arm.overrides
+    if task.agent_loops is None:
+        raise ValueError(f"this task's recipe has no steppo_agent to branch ({task.recipe.name})")
+    entries = OmegaConf.load(task.agent_loops)
+    for entry in entries:
+        if entry.name == "steppo_agent":
+            entry.branching = arm.branching
+    path = run_dir / "agent_loop.yaml"
+    OmegaConf.save(entries, path)
+    return (*arm.overrides, "actor_rollout_ref.rollout.n=1",
+            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={path}",
+            f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}")
 
 
 def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout_s: float,
             extra: tuple[str, ...] = (), task: Task = TASKS["vault"]) -> dict[str, list[float | None]]:
     """One training run; returns per-step success and critic error (None where not reported), in step order."""
-    estimator, overrides = ARMS[arm]
     world_dir = work_dir / f"world{world}"
     run_dir = world_dir / "runs" / f"{arm}-{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = arm_overrides(ARMS[arm], task, run_dir)
     env = {**os.environ, "PYTHON": sys.executable, "WORK_DIR": str(world_dir), "RUN_DIR": str(run_dir),
-           "ESTIMATOR": estimator, "SEED": str(seed), "WORLD": str(world), "STEPS": str(steps),
+           "ESTIMATOR": ARMS[arm].estimator, "SEED": str(seed), "WORLD": str(world), "STEPS": str(steps),
            "RAY_DEDUP_LOGS": "0"}
     result = run_in_session(["bash", str(task.recipe), *overrides, *extra], run_dir / "train.log", timeout_s,
                             cwd=run_dir, env=env)
@@ -214,8 +255,9 @@ def main() -> None:
     parser.add_argument("--from-json", type=Path, help="no runs: summarise and plot the runs of an earlier --out")
     args = parser.parse_args()
     if args.list_arms:
-        for name, (estimator, overrides) in ARMS.items():
-            print(f"{name}: ESTIMATOR={estimator} {' '.join(overrides)}")
+        for name, arm in ARMS.items():
+            branching = f" branching={json.dumps(arm.branching)}" if arm.branching else ""
+            print(f"{name}: ESTIMATOR={arm.estimator} {' '.join(arm.overrides)}{branching}")
         return
     if args.from_json:
         earlier = json.loads(args.from_json.read_text())

@@ -153,8 +153,8 @@ def discounted_reverse_cumsum(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def step_returns(token_level_rewards: torch.Tensor, steps: Steps, gamma: float) -> torch.Tensor:
-    """``[B, K]`` discounted reward-to-go per step, ``G_k = r_k + gamma * G_{k+1}``."""
-    return discounted_reverse_cumsum(step_rewards(token_level_rewards, steps), gamma)
+    """``[B, K]`` discounted reward-to-go per step, ``G_k = r_k + gamma * G_{k+1}``, from ``[B, L]`` rewards."""
+    return observed_step_returns(step_rewards(token_level_rewards, steps), steps, gamma)
 
 
 def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor, center: bool = True,

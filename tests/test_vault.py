@@ -282,6 +282,23 @@ def test_the_warm_start_learns_the_format_and_saves_the_model(task, policy_dir, 
         warm_start(policy_dir, empty, steps=1)
 
 
+def test_the_warm_start_is_a_function_of_its_demonstrations_steps_and_seed(task, tmp_path):
+    """Two builds of one world's policy are the same model, so two learning runs from the recipe start from the
+    same weights: differences between runs come from the runs (benchmarks/README.md, depth 5)."""
+    from safetensors.torch import load_file
+
+    from steppo_verl.dev import tiny_model
+
+    out, _ = task
+    weights = []
+    for name in ("a", "b"):
+        tiny_model.main(["--out", str(tmp_path / name), "--warm-start", str(out / "demos.jsonl"),
+                         "--added-tokens", str(out / "added_tokens.json"), "--warm-start-steps", "3"])
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
 def test_an_interrupted_warm_start_leaves_no_model_for_the_recipe_to_take(task, tmp_path, monkeypatch):
     from steppo_verl.dev import tiny_model, warm_start as warm_start_module
 
