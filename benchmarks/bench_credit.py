@@ -14,8 +14,10 @@ Success after each step is exact (the product of the right-door probabilities), 
 noise; runs differ in their rollouts.
 
 StepPO's V(s_k) comes from ``oracle`` (the true value of room k under the current policy: the upper bound of
-step credit) or ``critic`` (a value table fitted to the estimator's returns, one step of rate ``--critic-lr`` per
-training step, starting at 0). What the neural runs add (a policy that must read the room, a critic that must tell
+step credit), ``critic`` (a value table fitted to the estimator's returns, one step of rate ``--critic-lr`` per
+training step, starting at 0) or ``state_returns`` (``algorithm.steppo.values=state_returns``: the batch's
+leave-one-out mean return from the room, :func:`~steppo_verl.metrics.state_mean_returns`; the critic where the
+room was visited once). What the neural runs add (a policy that must read the room, a critic that must tell
 rooms apart, format collapses) is absent: this measures the estimators alone.
 
 Reports per arm and depth: steps to 50% success (median over seeds, 95% bootstrap interval of the median) and
@@ -35,13 +37,14 @@ import numpy as np
 import torch
 
 from steppo_verl.advantage import compute_step_grpo_advantage, compute_steppo_advantage
+from steppo_verl.metrics import state_mean_returns
 
 RESULTS = Path(__file__).parent / "results"
 
 
 class Arm(NamedTuple):
     estimator: str  # grpo or steppo
-    values: str | None = None  # steppo: oracle or critic
+    values: str | None = None  # steppo: oracle, critic, or state_returns (the batch's, critic where unknown)
     lam: float = 1.0
     skip_equal_returns: bool = True
 
@@ -54,6 +57,8 @@ ARMS = {
     "steppo+critic+lam0.5": Arm("steppo", "critic", 0.5),
     "steppo+critic+lam0": Arm("steppo", "critic", 0.0),
     "steppo+critic+no_skip": Arm("steppo", "critic", skip_equal_returns=False),
+    "steppo+state_values": Arm("steppo", "state_returns"),
+    "steppo+state_values+lam0": Arm("steppo", "state_returns", 0.0),
 }
 
 
@@ -100,10 +105,15 @@ def train(arm: Arm, depth: int, seed: int, steps: int, lr: float, critic_lr: flo
             advantages, _ = compute_step_grpo_advantage(rewards, mask, index, step_ids)
         else:
             table = oracle_values(logits) if arm.values == "oracle" else critic
-            values = table[None, :].expand(batch, depth).float() * taken
+            values = table[None, :].expand(batch, depth).double() * taken
+            if arm.values == "state_returns":  # algorithm.steppo.values=state_returns: tokens are steps here
+                batch_values, known = state_mean_returns(won[:, None].double() * taken, positions.expand(batch, -1),
+                                                         taken)
+                values = torch.where(known, batch_values, values)
+            values = values.float()
             advantages, returns = compute_steppo_advantage(
                 rewards, values, mask, step_ids, lam=arm.lam, skip_equal_returns=arm.skip_equal_returns)
-            if arm.values == "critic":  # one step towards each room's mean return, as a critic's update would
+            if arm.values != "oracle":  # one step towards each room's mean return, as a critic's update would
                 visits = taken.sum(0).clamp(min=1)
                 target = (returns.double() * taken).sum(0) / visits
                 critic = torch.where(taken.any(0), critic + critic_lr * (target - critic), critic)

@@ -5,7 +5,7 @@
 set -euo pipefail
 : "${PYTHON:=python3}"
 cd "$(dirname "$0")/.."
-for bench in advantage layout agent_loop branching retrieval learning; do
+for bench in advantage layout agent_loop branching retrieval credit learning; do
   echo "== benchmarks/bench_$bench.py"
   "$PYTHON" "benchmarks/bench_$bench.py"
 done
