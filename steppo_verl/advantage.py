@@ -220,6 +220,7 @@ def compute_steppo_advantage(
     whiten: bool = True,
     center: bool = True,
     skip_equal_returns: bool = True,
+    batch_values: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step-level GAE (StepPO): one TD error per agent step, broadcast to the step's tokens.
 
@@ -250,7 +251,12 @@ def compute_steppo_advantage(
             not on the actions taken (zero in expectation: only noise), and whitening scales them to unit size
             whatever their size: on the depth-5 vault, batches without a success had step advantages of -9 to
             +10 from values that differed by ~1e-2 (benchmarks/README.md). With ``lam < 1`` the TD errors read
-            V(s_{k+1}), which an action changes, so such batches are whitened as before.
+            V(s_{k+1}), which an action changes, so such batches are whitened as before, unless ``batch_values``.
+        batch_values: ``values`` are the batch's own Monte-Carlo returns per state (``algorithm.steppo.values``
+            ``state_returns`` or ``branch_returns``; the critic's only where a state has no other visit). With the
+            returns all equal such values hold no information about the actions at any ``lam``: their TD errors
+            are 0 except at the critic's stand-ins, which whitening would blow up to about +-10 (benchmarks/README.md,
+            depth 5). ``skip_equal_returns`` then zeroes the batch at every ``lam``.
 
     Returns:
         advantages: ``[B, L]`` A_k on the tokens of step k, 0 elsewhere.
@@ -284,8 +290,9 @@ def compute_steppo_advantage(
         returns = advantages + step_values
         if whiten:
             # At lam = 1 a step's advantage is its observed return minus V(s_k): with the returns all equal it says
-            # nothing about the actions, only about the critic (lam < 1 reads V(s_{k+1}), which can).
-            flat = skip_equal_returns and lam == 1.0 and _all_equal(
+            # nothing about the actions, only about the critic (lam < 1 reads V(s_{k+1}), which can, unless the
+            # values come from these same returns).
+            flat = skip_equal_returns and (lam == 1.0 or batch_values) and _all_equal(
                 observed_step_returns(rewards, steps, gamma, bootstrap_values), step_mask
             )
             advantages = _whiten_steps(advantages, step_mask, center, flat)
@@ -592,6 +599,7 @@ def steppo_estimator(
         whiten=algorithm_option(config, "steppo.whiten", True),
         center=algorithm_option(config, "steppo.center", True),
         skip_equal_returns=algorithm_option(config, "steppo.skip_equal_returns", True),
+        batch_values=algorithm_option(config, "steppo.values", "critic") != "critic",
     )
 
 

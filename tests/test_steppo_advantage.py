@@ -227,6 +227,37 @@ def test_with_lam_below_one_equal_returns_are_whitened_as_before_the_td_errors_r
     assert float(on[0, 0]) > 0 > float(on[1, 0]), "the door into a room the critic values beats the dead end"
 
 
+def test_with_the_batchs_own_values_equal_returns_are_zero_at_any_lam():
+    """values=state_returns in an all-fail batch: every visited-twice state is valued 0, a state visited once keeps
+    the critic's value; its lone TD error is all whitening would see (+-10 on the depth-5 vault)."""
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 4)
+    values = torch.zeros(4, 5)
+    values[3, 3] = 0.05  # the critic's stand-in for a state no other step visited
+    for lam in (0.0, 0.5, 1.0):
+        skipped = compute_steppo_advantage(torch.zeros(4, 5), values, mask, lam=lam, batch_values=True)[0]
+        assert torch.count_nonzero(skipped) == 0, lam
+    whitened = compute_steppo_advantage(torch.zeros(4, 5), values, mask, lam=0.0, batch_values=False)[0]
+    assert float(whitened.abs().max()) > 1.0, "without the rule, a 0.05 stand-in is whitened to a unit-sized push"
+    success = torch.zeros(4, 5)
+    success[1, 4] = 1.0
+    kept = compute_steppo_advantage(success, values, mask, lam=0.0, batch_values=True)[0]
+    torch.testing.assert_close(kept, compute_steppo_advantage(success, values, mask, lam=0.0)[0])
+
+
+def test_registered_entry_treats_monte_carlo_value_sources_as_the_batchs_values():
+    from omegaconf import OmegaConf
+
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 3)
+    values = torch.rand(3, 5) * 0.1
+    config = {"lam": 0.0, "steppo": {"values": "critic"}}
+    assert torch.count_nonzero(steppo_estimator(torch.zeros(3, 5), mask, config=OmegaConf.create(config),
+                                                values=values)[0]) > 0, "a critic's TD errors at lam 0 are kept"
+    for source in ("state_returns", "branch_returns"):
+        config["steppo"]["values"] = source
+        advantages = steppo_estimator(torch.zeros(3, 5), mask, config=OmegaConf.create(config), values=values)[0]
+        assert torch.count_nonzero(advantages) == 0, source
+
+
 def test_a_batch_with_one_success_is_whitened_as_before():
     (adv, _), (whitened, _) = _failed_doors(success_row=2)
     torch.testing.assert_close(adv, whitened)
