@@ -47,6 +47,7 @@ class Arm(NamedTuple):
     values: str | None = None  # steppo: oracle, critic, or state_returns (the batch's, critic where unknown)
     lam: float = 1.0
     skip_equal_returns: bool = True
+    center: bool = True  # algorithm.steppo.center
 
 
 ARMS = {
@@ -59,6 +60,8 @@ ARMS = {
     "steppo+critic+no_skip": Arm("steppo", "critic", skip_equal_returns=False),
     "steppo+state_values": Arm("steppo", "state_returns"),
     "steppo+state_values+lam0": Arm("steppo", "state_returns", 0.0),
+    "steppo+critic+uncentred": Arm("steppo", "critic", center=False),
+    "steppo+state_values+lam0+uncentred": Arm("steppo", "state_returns", 0.0, center=False),
 }
 
 
@@ -112,7 +115,8 @@ def train(arm: Arm, depth: int, seed: int, steps: int, lr: float, critic_lr: flo
                 values = torch.where(known, batch_values, values)
             values = values.float()
             advantages, returns = compute_steppo_advantage(
-                rewards, values, mask, step_ids, lam=arm.lam, skip_equal_returns=arm.skip_equal_returns)
+                rewards, values, mask, step_ids, lam=arm.lam, skip_equal_returns=arm.skip_equal_returns,
+                center=arm.center, batch_values=arm.values == "state_returns")
             if arm.values != "oracle":  # one step towards each room's mean return, as a critic's update would
                 visits = taken.sum(0).clamp(min=1)
                 target = (returns.double() * taken).sum(0) / visits
