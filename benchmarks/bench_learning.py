@@ -101,6 +101,10 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
     "steppo+state_values+lam0": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")),
+    # |A| bounded at GRPO's bound for a group of 8, (8 - 1) / sqrt(8): a rare outcome is whitened to 6-9 otherwise
+    "steppo+adv_clip2.5": ("steppo", ("algorithm.steppo.advantage_clip=2.5",)),
+    "steppo+state_values+lam0+adv_clip2.5": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
+                                                        "algorithm.steppo.advantage_clip=2.5")),
     # whitening that divides by the std only: a step whose TD error is 0 stays at 0 (README, "Whitening")
     "steppo+uncentred": ("steppo", ("algorithm.steppo.center=false",)),
     "steppo+action_clip+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",

@@ -82,6 +82,11 @@ def _check_factor(name: str, value: float) -> None:
         raise ValueError(f"{name} must lie in [0, 1], got {value}")
 
 
+def check_advantage_clip(advantage_clip: float | None) -> None:
+    if advantage_clip is not None and not float(advantage_clip) > 0.0:  # also refuses NaN
+        raise ValueError(f"algorithm.steppo.advantage_clip must be a positive number or null, got {advantage_clip}")
+
+
 # ----------------------------------------------------------------------------- dtypes and outputs
 
 
@@ -221,6 +226,7 @@ def compute_steppo_advantage(
     center: bool = True,
     skip_equal_returns: bool = True,
     batch_values: bool = False,
+    advantage_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step-level GAE (StepPO): one TD error per agent step, broadcast to the step's tokens.
 
@@ -257,6 +263,10 @@ def compute_steppo_advantage(
             returns all equal such values hold no information about the actions at any ``lam``: their TD errors
             are 0 except at the critic's stand-ins, which whitening would blow up to about +-10 (benchmarks/README.md,
             depth 5). ``skip_equal_returns`` then zeroes the batch at every ``lam``.
+        advantage_clip: bound on ``|A_k|`` after whitening; ``None``: unbounded. Whitening scales a batch's
+            advantages to unit variance however few steps carry them, so an outcome that is rare in the batch (one
+            success in 64 rollouts, or three failures) gets pushes of 6-9 on its steps (benchmarks/README.md); GRPO's
+            groups of n bound theirs at (n - 1) / sqrt(n) (2.5 for 8). The critic's targets are not clipped.
 
     Returns:
         advantages: ``[B, L]`` A_k on the tokens of step k, 0 elsewhere.
@@ -267,6 +277,7 @@ def compute_steppo_advantage(
     _check_shape("values", values, shape)
     _check_factor("gamma", gamma)
     _check_factor("lam", lam)
+    check_advantage_clip(advantage_clip)
     steps = locate_steps(response_mask, step_ids)
 
     with torch.no_grad():
@@ -296,6 +307,8 @@ def compute_steppo_advantage(
                 observed_step_returns(rewards, steps, gamma, bootstrap_values), step_mask
             )
             advantages = _whiten_steps(advantages, step_mask, center, flat)
+        if advantage_clip is not None:
+            advantages = advantages.clamp(-float(advantage_clip), float(advantage_clip))
 
         out_dtype = _output_dtype(token_level_rewards)
         return (
@@ -600,6 +613,7 @@ def steppo_estimator(
         center=algorithm_option(config, "steppo.center", True),
         skip_equal_returns=algorithm_option(config, "steppo.skip_equal_returns", True),
         batch_values=algorithm_option(config, "steppo.values", "critic") != "critic",
+        advantage_clip=algorithm_option(config, "steppo.advantage_clip", None),
     )
 
 

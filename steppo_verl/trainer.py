@@ -36,7 +36,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.import_utils import resolve_config_path
 
 from steppo_verl.advantage import ESTIMATORS as STEP_ESTIMATORS
-from steppo_verl.advantage import algorithm_option
+from steppo_verl.advantage import algorithm_option, check_advantage_clip
 from steppo_verl.branch_worker import MANAGER_CLASS as BRANCH_MANAGER_CLASS
 from steppo_verl.branching import (
     BRANCH_ESTIMATORS,
@@ -292,6 +292,7 @@ def validate_steppo_config(config: DictConfig) -> int:
     estimator = config.algorithm.adv_estimator
     value_loss_positions(config)
     value_source(config.algorithm)
+    check_advantage_clip(algorithm_option(config.algorithm, "steppo.advantage_clip", None))
     _check_clip_range_fits_the_loss(config.actor_rollout_ref.actor)
     # A validation-only run (python -m steppo_verl.tasks.qa.evaluate) trains nothing: a critic would only take memory.
     if estimator == "steppo" and not config.trainer.get("val_only", False):

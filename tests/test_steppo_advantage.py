@@ -258,6 +258,34 @@ def test_registered_entry_treats_monte_carlo_value_sources_as_the_batchs_values(
         assert torch.count_nonzero(advantages) == 0, source
 
 
+def test_advantage_clip_bounds_a_rare_outcomes_whitened_push_and_leaves_the_critic_targets():
+    """Three failures among 64 episodes: whitening gives their door steps about -4.5; the clip bounds them."""
+    mask = torch.tensor([[1, 1, 0, 1, 1]] * 64)
+    rewards = torch.zeros(64, 5)
+    rewards[3:, 4] = 1.0
+    values = torch.full((64, 5), 0.9)
+    free, free_returns = compute_steppo_advantage(rewards, values, mask)
+    assert float(free.min()) < -4.0, "the rare failures' steps are whitened far out"
+    clipped, returns = compute_steppo_advantage(rewards, values, mask, advantage_clip=2.5)
+    torch.testing.assert_close(clipped, free.clamp(-2.5, 2.5))
+    torch.testing.assert_close(returns, free_returns)
+    assert float(clipped.min()) == pytest.approx(-2.5)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="advantage_clip"):
+            compute_steppo_advantage(rewards, values, mask, advantage_clip=bad)
+
+
+def test_registered_entry_reads_advantage_clip_from_config():
+    from omegaconf import OmegaConf
+
+    layout = random_layout(0)
+    values = torch.randn(layout.response_mask.shape)
+    config = OmegaConf.create({"steppo": {"advantage_clip": 0.5}})
+    advantages = steppo_estimator(layout.rewards, layout.response_mask, config=config, values=values,
+                                  step_ids=layout.step_ids)[0]
+    assert float(advantages.abs().max()) == pytest.approx(0.5)
+
+
 def test_a_batch_with_one_success_is_whitened_as_before():
     (adv, _), (whitened, _) = _failed_doors(success_row=2)
     torch.testing.assert_close(adv, whitened)

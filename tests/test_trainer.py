@@ -352,6 +352,14 @@ def test_validation_only_run_without_a_critic_passes_the_start_up_checks():
                                        "+algorithm.steppo.step_ids=mask"))
 
 
+@pytest.mark.parametrize("bound", [0, -1, "nan"])
+def test_a_steppo_advantage_clip_that_is_not_positive_fails_at_start_up(bound):
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true",
+                         f"+algorithm.steppo.advantage_clip={bound}")
+    with pytest.raises(ValueError, match="advantage_clip must be a positive number or null"):
+        validate_steppo_config(config)
+
+
 def test_steppo_with_an_empty_critic_path_fails_at_start_up():
     config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "critic.model.path=''")
     with pytest.raises(ValueError, match="critic.model.path is empty"):
