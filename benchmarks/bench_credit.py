@@ -48,6 +48,7 @@ class Arm(NamedTuple):
     lam: float = 1.0
     skip_equal_returns: bool = True
     center: bool = True  # algorithm.steppo.center
+    advantage_clip: float | None = None  # algorithm.steppo.advantage_clip
 
 
 ARMS = {
@@ -62,6 +63,8 @@ ARMS = {
     "steppo+state_values+lam0": Arm("steppo", "state_returns", 0.0),
     "steppo+critic+uncentred": Arm("steppo", "critic", center=False),
     "steppo+state_values+lam0+uncentred": Arm("steppo", "state_returns", 0.0, center=False),
+    "steppo+critic+adv_clip2.5": Arm("steppo", "critic", advantage_clip=2.5),
+    "steppo+state_values+lam0+adv_clip2.5": Arm("steppo", "state_returns", 0.0, advantage_clip=2.5),
 }
 
 
@@ -116,7 +119,7 @@ def train(arm: Arm, depth: int, seed: int, steps: int, lr: float, critic_lr: flo
             values = values.float()
             advantages, returns = compute_steppo_advantage(
                 rewards, values, mask, step_ids, lam=arm.lam, skip_equal_returns=arm.skip_equal_returns,
-                center=arm.center, batch_values=arm.values == "state_returns")
+                center=arm.center, batch_values=arm.values == "state_returns", advantage_clip=arm.advantage_clip)
             if arm.values != "oracle":  # one step towards each room's mean return, as a critic's update would
                 visits = taken.sum(0).clamp(min=1)
                 target = (returns.double() * taken).sum(0) / visits
