@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from bench_learning import bootstrap_interval, steps_to
 
 from steppo_verl.advantage import compute_step_grpo_advantage, compute_steppo_advantage
 from steppo_verl.metrics import state_mean_returns
@@ -133,15 +134,6 @@ def train(arm: Arm, depth: int, seed: int, steps: int, lr: float, critic_lr: flo
     return curve
 
 
-def steps_to(curve: list[float], threshold: float) -> int:
-    return next((step for step, success in enumerate(curve, start=1) if success >= threshold), len(curve) + 1)
-
-
-def median_interval(values: list[int], rng: random.Random, resamples: int = 2000) -> tuple[float, float]:
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
@@ -163,7 +155,7 @@ def main() -> None:
         for name in args.arms:
             curves = [train(ARMS[name], depth, seed, args.steps, args.lr, args.critic_lr) for seed in range(args.seeds)]
             reached = [steps_to(curve, args.threshold) for curve in curves]
-            low, high = median_interval(reached, rng)
+            low, high = bootstrap_interval(reached, rng, statistic=statistics.median)
             row = {"depth": depth, "arm": name, "median_steps": statistics.median(reached), "interval": [low, high],
                    "not_reached": sum(r > args.steps for r in reached) / len(reached),
                    "auc": statistics.fmean(statistics.fmean(curve) for curve in curves), "steps_to": reached}

@@ -33,6 +33,7 @@ import os
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -170,12 +171,14 @@ def steps_to(curve: list[float], threshold: float) -> int:
     return next((step for step, success in enumerate(curve, start=1) if success >= threshold), len(curve) + 1)
 
 
-def bootstrap_interval(values: list[float], rng: random.Random, resamples: int = 2000) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values`` (runs resampled with replacement)."""
+def bootstrap_interval(values: list[float], rng: random.Random, resamples: int = 2000,
+                       statistic: Callable[[list[float]], float] = statistics.fmean) -> tuple[float, float]:
+    """95% percentile bootstrap interval of ``statistic`` (the mean) of ``values`` (runs resampled with
+    replacement)."""
     if len(values) < 2:
         return (values[0], values[0]) if values else (float("nan"), float("nan"))
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+    estimates = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return estimates[int(0.025 * resamples)], estimates[int(0.975 * resamples) - 1]
 
 
 def summarise(runs: dict[str, list[dict]], threshold: float, seed: int = 0) -> list[dict]:

@@ -2,34 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_modules import BENCHMARKS, load_benchmark
 from omegaconf import OmegaConf
 
 from steppo_verl.branch_worker import MANAGER_CLASS
 from steppo_verl.branching import BranchingConfig
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_learning.py"
+bench = load_benchmark("bench_learning")
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_learning", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_plain_arm_passes_its_overrides_and_writes_nothing(bench, tmp_path):
+def test_a_plain_arm_passes_its_overrides_and_writes_nothing(tmp_path):
     arm = bench.ARMS["steppo+lam0.5"]
     assert bench.arm_overrides(arm, bench.TASKS["vault"], tmp_path) == ("algorithm.lam=0.5",)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("name", ["arpo", "steppo+branch_returns"])
-def test_a_branching_arm_runs_the_tasks_agent_loop_with_a_branching_block(bench, tmp_path, name):
+def test_a_branching_arm_runs_the_tasks_agent_loop_with_a_branching_block(tmp_path, name):
     arm = bench.ARMS[name]
     overrides = bench.arm_overrides(arm, bench.TASKS["vault"], tmp_path)
 
@@ -44,11 +34,11 @@ def test_a_branching_arm_runs_the_tasks_agent_loop_with_a_branching_block(bench,
     entry = written["steppo_agent"]
     assert entry.bootstrap_endings == task_loops["steppo_agent"].bootstrap_endings  # the task's loop, not a copy
     block = BranchingConfig.from_options(entry.branching)
-    assert block.total_rollouts == 8 == OmegaConf.load(BENCH.parents[1] / "steppo_verl" / "config" / "task"
+    assert block.total_rollouts == 8 == OmegaConf.load(BENCHMARKS.parent / "steppo_verl" / "config" / "task"
                                                        / "tiny_policy.yaml").actor_rollout_ref.rollout.n
     assert block.initial_rollouts == 4
 
 
-def test_a_task_without_a_branching_agent_loop_refuses_a_branching_arm(bench, tmp_path):
+def test_a_task_without_a_branching_agent_loop_refuses_a_branching_arm(tmp_path):
     with pytest.raises(ValueError, match="no steppo_agent to branch"):
         bench.arm_overrides(bench.ARMS["arpo"], bench.TASKS["textworld"], tmp_path)
