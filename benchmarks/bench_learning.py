@@ -37,9 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from omegaconf import OmegaConf
 
-from steppo_verl.branch_worker import MANAGER_CLASS
+from steppo_verl.branch_worker import branching_overrides
 from steppo_verl.dev.runs import run_in_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +68,9 @@ class Arm(NamedTuple):
 # of the other arms: 4 whole rollouts, branches up to 8.
 BRANCHING = {"initial_rollouts": 4, "total_rollouts": 8, "beam": 2}
 CRITIC_ERROR = "steppo/critic/state_abs_error"
+# verl's token loss at the token clip, as the recipes' baselines run it (recipe/steppo/common.sh: TOKEN_LOSS)
+TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_rollout_ref.actor.clip_ratio_low=0.2",
+              "actor_rollout_ref.actor.clip_ratio_high=0.2")
 
 # name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides[, branching]). One change per ablation, against
 # `steppo`.
@@ -78,9 +80,7 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "gae": ("gae", ()),
     "gigpo": ("gigpo", ()),
     # StepPO's estimator with verl's token loss: separates the estimator from the step loss
-    "steppo+vanilla_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
-                                       "actor_rollout_ref.actor.clip_ratio_low=0.2",
-                                       "actor_rollout_ref.actor.clip_ratio_high=0.2")),
+    "steppo+vanilla_loss": ("steppo", TOKEN_LOSS),
     # GRPO's advantages with the step loss: separates the step loss from the estimator the other way round
     "grpo+step_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo",)),
     "steppo+step_mean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_step_mean",)),
@@ -106,14 +106,22 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+adv_clip2.5": ("steppo", ("algorithm.steppo.advantage_clip=2.5",)),
     "steppo+state_values+lam0+adv_clip2.5": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
                                                         "algorithm.steppo.advantage_clip=2.5")),
+    # the batch's values at lam 0 with the token loss / the whole-step clip: does the step loss's geometric-mean clip
+    # let the near-deterministic policy fall (README, "World 2 again")?
+    "steppo+state_values+lam0+vanilla_loss": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
+                                                         *TOKEN_LOSS)),
+    "steppo+state_values+lam0+action_clip": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
+                                                        "actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip")),
+    # the KL term's value as k3 (low_var_kl) with k2's gradient, verl's straight-through "+": k3's own gradient is
+    # that of KL(ref || pi), which pushes a near-deterministic policy back onto every token the warm start liked
+    "steppo+state_values+lam0+k3plus": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
+                                                   "actor_rollout_ref.actor.kl_loss_type=low_var_kl+")),
+    "grpo+k3plus": ("grpo", ("actor_rollout_ref.actor.kl_loss_type=low_var_kl+",)),
     # whitening that divides by the std only: a step whose TD error is 0 stays at 0 (README, "Whitening")
     "steppo+uncentred": ("steppo", ("algorithm.steppo.center=false",)),
     "steppo+action_clip+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",
                                                 "algorithm.steppo.center=false")),
-    "steppo+vanilla_loss+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
-                                                 "actor_rollout_ref.actor.clip_ratio_low=0.2",
-                                                 "actor_rollout_ref.actor.clip_ratio_high=0.2",
-                                                 "algorithm.steppo.center=false")),
+    "steppo+vanilla_loss+uncentred": ("steppo", (*TOKEN_LOSS, "algorithm.steppo.center=false")),
     "steppo+state_values+lam0+uncentred": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
                                                       "algorithm.steppo.center=false")),
     "hgpo": ("hgpo", ()),
@@ -131,15 +139,7 @@ def arm_overrides(arm: Arm, task: Task, run_dir: Path) -> tuple[str, ...]:
         return arm.overrides
     if task.agent_loops is None:
         raise ValueError(f"this task's recipe has no steppo_agent to branch ({task.recipe.name})")
-    entries = OmegaConf.load(task.agent_loops)
-    for entry in entries:
-        if entry.name == "steppo_agent":
-            entry.branching = arm.branching
-    path = run_dir / "agent_loop.yaml"
-    OmegaConf.save(entries, path)
-    return (*arm.overrides, "actor_rollout_ref.rollout.n=1",
-            f"actor_rollout_ref.rollout.agent.agent_loop_config_path={path}",
-            f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}")
+    return (*arm.overrides, *branching_overrides(task.agent_loops, arm.branching, run_dir / "agent_loop.yaml"))
 
 
 def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout_s: float,

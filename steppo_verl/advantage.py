@@ -583,6 +583,25 @@ def algorithm_option(config: Any, path: str, default: Any) -> Any:
     return default if node is None else node
 
 
+VALUE_SOURCES = ("critic", "state_returns", "branch_returns")
+
+
+def value_source(algorithm: Any) -> str:
+    """``algorithm.steppo.values``: what StepPO reads as V(s_k); ``critic`` (the method) by default.
+
+    ``state_returns`` reads the batch's leave-one-out mean return of each step's state instead
+    (:func:`steppo_verl.metrics.state_mean_returns`, which the StepPO trainer writes into ``values``; the critic's
+    value where a state is visited once): a measurement arm, the upper bound of what a calibrated critic gives, not a training method.
+    ``branch_returns`` does the same for the states that branched rollouts share exactly (the prompt, and
+    each branch point: :func:`steppo_verl.branching.branch_state_keys`), the critic's value elsewhere: an
+    unbiased Monte-Carlo V(s_k) from siblings, which only branching rollouts provide.
+    """
+    source = algorithm_option(algorithm, "steppo.values", "critic")
+    if source not in VALUE_SOURCES:
+        raise ValueError(f"algorithm.steppo.values must be one of {VALUE_SOURCES}, got {source!r}")
+    return source
+
+
 @register_adv_est("steppo")
 def steppo_estimator(
     token_level_rewards: torch.Tensor,
@@ -612,7 +631,7 @@ def steppo_estimator(
         whiten=algorithm_option(config, "steppo.whiten", True),
         center=algorithm_option(config, "steppo.center", True),
         skip_equal_returns=algorithm_option(config, "steppo.skip_equal_returns", True),
-        batch_values=algorithm_option(config, "steppo.values", "critic") != "critic",
+        batch_values=value_source(config) != "critic",
         advantage_clip=algorithm_option(config, "steppo.advantage_clip", None),
     )
 

@@ -19,18 +19,36 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
 import ray
+from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
 
 from steppo_verl.branching import PLAIN_ROLLOUT
 
-__all__ = ["MANAGER_CLASS", "BranchAgentLoopManager", "BranchScoringWorker"]
+__all__ = ["MANAGER_CLASS", "BranchAgentLoopManager", "BranchScoringWorker", "branching_overrides"]
 
 MANAGER_CLASS = "steppo_verl.branch_worker.BranchAgentLoopManager"
+
+
+def branching_overrides(agent_loops: str | Path, branching: Mapping[str, Any], out: str | Path) -> tuple[str, ...]:
+    """Turn on branching rollouts for a run: writes the agent-loop yaml ``agent_loops`` to ``out`` with
+    ``branching`` as ``steppo_agent``'s branching block, and returns the hydra overrides that run it: that yaml,
+    this manager, and ``rollout.n=1`` (one sample returns its prompt's whole budget)."""
+    entries = OmegaConf.load(agent_loops)
+    step_agents = [entry for entry in entries if entry.get("name") == "steppo_agent"]
+    if not step_agents:
+        raise ValueError(f"{agent_loops} has no steppo_agent entry to branch")
+    for entry in step_agents:
+        entry.branching = dict(branching)
+    OmegaConf.save(entries, out)
+    return ("actor_rollout_ref.rollout.n=1", f"actor_rollout_ref.rollout.agent.agent_loop_config_path={out}",
+            f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}")
 
 # verl decorates its worker with @ray.remote, and Ray forbids subclassing the actor class it makes.
 _VerlWorker = AgentLoopWorkerTQ.__ray_actor_class__

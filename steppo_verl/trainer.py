@@ -36,7 +36,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.import_utils import resolve_config_path
 
 from steppo_verl.advantage import ESTIMATORS as STEP_ESTIMATORS
-from steppo_verl.advantage import algorithm_option, check_advantage_clip
+from steppo_verl.advantage import algorithm_option, check_advantage_clip, value_source
 from steppo_verl.branch_worker import MANAGER_CLASS as BRANCH_MANAGER_CLASS
 from steppo_verl.branching import (
     BRANCH_ESTIMATORS,
@@ -231,25 +231,6 @@ def value_loss_positions(config: DictConfig) -> str:
     if positions not in VALUE_LOSS_POSITIONS:
         raise ValueError(f"algorithm.steppo.value_loss must be one of {VALUE_LOSS_POSITIONS}, got {positions!r}")
     return positions
-
-
-VALUE_SOURCES = ("critic", "state_returns", "branch_returns")
-
-
-def value_source(algorithm: Any) -> str:
-    """``algorithm.steppo.values``: what StepPO reads as V(s_k); ``critic`` (the method) by default.
-
-    ``state_returns`` reads the batch's leave-one-out mean return of each step's state instead
-    (:func:`steppo_verl.metrics.state_mean_returns`; the critic's value where a state is visited once):
-    a measurement arm, the upper bound of what a calibrated critic gives, not a training method.
-    ``branch_returns`` does the same for the states that branched rollouts share exactly (the prompt, and
-    each branch point: :func:`steppo_verl.branching.branch_state_keys`), the critic's value elsewhere: an
-    unbiased Monte-Carlo V(s_k) from siblings, which only branching rollouts provide.
-    """
-    source = algorithm_option(algorithm, "steppo.values", "critic")
-    if source not in VALUE_SOURCES:
-        raise ValueError(f"algorithm.steppo.values must be one of {VALUE_SOURCES}, got {source!r}")
-    return source
 
 
 def with_state_returns(

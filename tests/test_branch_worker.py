@@ -11,7 +11,7 @@ from verl.trainer.ppo.v1 import agent_loop_tq
 
 import steppo_verl.plugin  # noqa: F401  (registers steppo_agent and steppo_env_agent with verl)
 from steppo_verl.branching import PLAIN_ROLLOUT
-from steppo_verl.branch_worker import BranchAgentLoopManager, BranchScoringWorker
+from steppo_verl.branch_worker import BranchAgentLoopManager, BranchScoringWorker, branching_overrides
 
 
 class RewardWorker:
@@ -144,3 +144,11 @@ def test_ray_builds_the_worker_actor_up_to_verls_own_arguments():
             ray.get(actor.__ray_ready__.remote())
     finally:
         ray.shutdown()
+
+
+def test_branching_overrides_refuse_an_agent_loop_yaml_without_the_step_agent(tmp_path):
+    loops = tmp_path / "loops.yaml"
+    loops.write_text("- name: tool_agent\n  _target_: verl.experimental.agent_loop.ToolAgentLoop\n")
+    with pytest.raises(ValueError, match="no steppo_agent"):
+        branching_overrides(loops, {"total_rollouts": 8}, tmp_path / "out.yaml")
+    assert not (tmp_path / "out.yaml").exists()

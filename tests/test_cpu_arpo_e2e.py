@@ -10,37 +10,25 @@ import sys
 from importlib.resources import files
 
 import pytest
-from omegaconf import OmegaConf
 from test_cpu_e2e import RECIPE, RUN_TIMEOUT_S, assert_two_finite_steps, run_in_session
 
-from steppo_verl.branch_worker import MANAGER_CLASS
+from steppo_verl.branch_worker import branching_overrides
 
 pytestmark = pytest.mark.ray
 
 BRANCHING = {"initial_rollouts": 2, "total_rollouts": 4, "beam": 2, "entropy_window": 5, "top_k": 5}
 
 
-def branching_agent_loop_yaml(path):
-    """The package's agent-loop yaml with a branching block."""
-    entries = OmegaConf.load(files("steppo_verl") / "config" / "agent_loop.yaml")
-    for entry in entries:
-        if entry.name == "steppo_agent":
-            entry.branching = BRANCHING
-    OmegaConf.save(entries, path)
-    return path
-
-
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_arpo_on_branching_rollouts_trains_two_steps_on_cpu(tmp_path):
-    loops = branching_agent_loop_yaml(tmp_path / "agent_loop.yaml")
+    branching = branching_overrides(files("steppo_verl") / "config" / "agent_loop.yaml", BRANCHING,
+                                    tmp_path / "agent_loop.yaml")
     cmd = [
         "bash", str(RECIPE / "run_cpu_smoke.sh"),
         "algorithm.adv_estimator=arpo", "algorithm.arpo.attribution=hard", "critic.enable=false",
         "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
         "actor_rollout_ref.actor.clip_ratio_low=0.2", "actor_rollout_ref.actor.clip_ratio_high=0.2",
-        "actor_rollout_ref.rollout.n=1",  # the branching budget replaces rollout.n copies
-        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={loops}",
-        f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}",
+        *branching,  # its yaml, the branch-scoring manager, rollout.n=1 (the budget replaces rollout.n copies)
         "trainer.steppo_dump.every_n_steps=0",
         "trainer.test_freq=2",  # validation after the last step: plain rollouts, no branching
     ]

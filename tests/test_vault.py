@@ -18,7 +18,7 @@ from verl.tools.tool_registry import initialize_tools_from_config
 
 from steppo_verl.endings import Ending
 from steppo_verl.dev.tiny_model import build_tiny_model, build_tiny_tokenizer, demonstration_text
-from steppo_verl.dev.warm_start import render, warm_start
+from steppo_verl.dev.warm_start import _batch, render, warm_start, written_token_loss
 from steppo_verl.tasks.vault import prepare as vault
 from steppo_verl.tasks.vault.reward import compute_score
 from steppo_verl.tasks.vault.env import DEAD_END, VaultPath, vault_observation
@@ -265,6 +265,28 @@ def test_the_warm_start_trains_exactly_the_policys_own_tokens(task, policy_dir):
     )
     assert written == expected
     assert written.count("<|im_end|>") == sum(m["role"] == "assistant" for m in demo["messages"])
+
+
+def test_the_warm_start_loss_is_the_libraries_causal_lm_loss_on_the_written_tokens(task, policy_dir):
+    """Same value and same gradient as ``model(..., labels=...).loss``, with the head applied only where a label is."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = task
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32, attn_implementation="sdpa")
+    demos = [render(tokenizer, json.loads(line)) for line in (out / "demos.jsonl").read_text().splitlines()[:5]]
+    input_ids, labels, attention = _batch(demos, tokenizer.pad_token_id)
+    assert (attention == 0).any()  # the rows have different lengths: padding is in the batch
+    losses, grads = [], []
+    for loss_of in (lambda: model(input_ids=input_ids, attention_mask=attention, labels=labels).loss,
+                    lambda: written_token_loss(model, input_ids, labels, attention)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
 def test_the_warm_start_learns_the_format_and_saves_the_model(task, policy_dir, tmp_path):
