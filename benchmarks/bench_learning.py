@@ -111,7 +111,8 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+state_values+lam0+vanilla_loss": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
                                                          *TOKEN_LOSS)),
     "steppo+state_values+lam0+action_clip": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
-                                                        "actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip")),
+                                                        "actor_rollout_ref.actor.policy_loss.loss_mode="
+                                                        "steppo_action_clip")),
     # the KL term's value as k3 (low_var_kl) with k2's gradient, verl's straight-through "+": k3's own gradient is
     # that of KL(ref || pi), which pushes a near-deterministic policy back onto every token the warm start liked
     "steppo+state_values+lam0+k3plus": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",

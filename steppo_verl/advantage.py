@@ -591,7 +591,8 @@ def value_source(algorithm: Any) -> str:
 
     ``state_returns`` reads the batch's leave-one-out mean return of each step's state instead
     (:func:`steppo_verl.metrics.state_mean_returns`, which the StepPO trainer writes into ``values``; the critic's
-    value where a state is visited once): a measurement arm, the upper bound of what a calibrated critic gives, not a training method.
+    value where a state is visited once): a measurement arm, the upper bound of what a calibrated critic gives,
+    not a training method.
     ``branch_returns`` does the same for the states that branched rollouts share exactly (the prompt, and
     each branch point: :func:`steppo_verl.branching.branch_state_keys`), the critic's value elsewhere: an
     unbiased Monte-Carlo V(s_k) from siblings, which only branching rollouts provide.

@@ -50,6 +50,7 @@ def branching_overrides(agent_loops: str | Path, branching: Mapping[str, Any], o
     return ("actor_rollout_ref.rollout.n=1", f"actor_rollout_ref.rollout.agent.agent_loop_config_path={out}",
             f"+actor_rollout_ref.rollout.agent.agent_loop_manager_class={MANAGER_CLASS}")
 
+
 # verl decorates its worker with @ray.remote, and Ray forbids subclassing the actor class it makes.
 _VerlWorker = AgentLoopWorkerTQ.__ray_actor_class__
 

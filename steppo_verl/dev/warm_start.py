@@ -79,8 +79,8 @@ def written_token_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor
     """
     targets = labels[:, 1:]
     written = targets != -100  # [B, T - 1]: position t predicts token t + 1
-    hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state  # [B, T, H]
-    logits = model.lm_head(hidden[:, :-1][written])  # [N, vocab], N written tokens
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state  # [B, T, H]
+    logits = model.get_output_embeddings()(hidden[:, :-1][written])  # [N, vocab], N written tokens
     return torch.nn.functional.cross_entropy(logits.float(), targets[written])
 
 
