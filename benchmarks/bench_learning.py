@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-
 from steppo_verl.branch_worker import branching_overrides
 from steppo_verl.dev.runs import run_in_session
 
@@ -71,6 +70,9 @@ CRITIC_ERROR = "steppo/critic/state_abs_error"
 # verl's token loss at the token clip, as the recipes' baselines run it (recipe/steppo/common.sh: TOKEN_LOSS)
 TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_rollout_ref.actor.clip_ratio_low=0.2",
               "actor_rollout_ref.actor.clip_ratio_high=0.2")
+# StepPO on the batch's Monte-Carlo state values at lam 0 (per-state TD credit without critic error), which several
+# arms change one thing of
+STATE_VALUES_LAM0 = ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")
 
 # name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides[, branching]). One change per ablation, against
 # `steppo`.
@@ -101,21 +103,18 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+critic_epochs4+lam0.5": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5")),
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
-    "steppo+state_values+lam0": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")),
+    "steppo+state_values+lam0": ("steppo", STATE_VALUES_LAM0),
     # |A| bounded at GRPO's bound for a group of 8, (8 - 1) / sqrt(8): a rare outcome is whitened to 6-9 otherwise
     "steppo+adv_clip2.5": ("steppo", ("algorithm.steppo.advantage_clip=2.5",)),
-    "steppo+state_values+lam0+adv_clip2.5": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
-                                                        "algorithm.steppo.advantage_clip=2.5")),
+    "steppo+state_values+lam0+adv_clip2.5": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.advantage_clip=2.5")),
     # the batch's values at lam 0 with the token loss / the whole-step clip: does the step loss's geometric-mean clip
     # let the near-deterministic policy fall (README, "World 2 again")?
-    "steppo+state_values+lam0+vanilla_loss": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
-                                                         *TOKEN_LOSS)),
-    "steppo+state_values+lam0+action_clip": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
-                                                        "actor_rollout_ref.actor.policy_loss.loss_mode="
-                                                        "steppo_action_clip")),
+    "steppo+state_values+lam0+vanilla_loss": ("steppo", (*STATE_VALUES_LAM0, *TOKEN_LOSS)),
+    "steppo+state_values+lam0+action_clip": ("steppo", (
+        *STATE_VALUES_LAM0, "actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip")),
     # the KL term's value as k3 (low_var_kl) with k2's gradient, verl's straight-through "+": k3's own gradient is
     # that of KL(ref || pi), which pushes a near-deterministic policy back onto every token the warm start liked
-    "steppo+state_values+lam0+k3plus": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
+    "steppo+state_values+lam0+k3plus": ("steppo", (*STATE_VALUES_LAM0,
                                                    "actor_rollout_ref.actor.kl_loss_type=low_var_kl+")),
     "grpo+k3plus": ("grpo", ("actor_rollout_ref.actor.kl_loss_type=low_var_kl+",)),
     # whitening that divides by the std only: a step whose TD error is 0 stays at 0 (README, "Whitening")
@@ -123,8 +122,7 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+action_clip+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",
                                                 "algorithm.steppo.center=false")),
     "steppo+vanilla_loss+uncentred": ("steppo", (*TOKEN_LOSS, "algorithm.steppo.center=false")),
-    "steppo+state_values+lam0+uncentred": ("steppo", ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0",
-                                                      "algorithm.steppo.center=false")),
+    "steppo+state_values+lam0+uncentred": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.center=false")),
     "hgpo": ("hgpo", ()),
     # branching rollouts (ARPO's entropy rule), 8 rows per prompt as above; ESTIMATOR=grpo: no critic, token loss
     "arpo": ("grpo", ("algorithm.adv_estimator=arpo",), BRANCHING),
