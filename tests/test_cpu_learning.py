@@ -29,7 +29,7 @@ ROLLOUTS_PER_STEP = 8 * 8  # config/task/vault.yaml: 8 prompts x 8 rollouts
 LAST = 3
 FIRST = 2  # the baseline: mean success of the first two steps (the untrained policy and one update)
 RANDOM_DOOR_SUCCESS = 1 / 8  # three rooms, two doors each
-TIMEOUT_S = 900  # a run takes ~4.5 minutes on 2 cores, warm start included (268 s on 2026-12-03)
+TIMEOUT_S = 900  # a run takes ~4.5 minutes on 2 cores, warm start included (259 s on 2026-12-03)
 SEED = 0
 
 
