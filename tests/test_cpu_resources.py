@@ -66,7 +66,7 @@ def test_the_entry_point_fails_before_starting_ray(tiny_model, tmp_path):
 
 def test_cpu_training_runs_on_padded_micro_batches(tiny_model):
     """verl packs a micro-batch's rows into one sequence (``use_remove_padding``), which only pays with
-    flash-attention's varlen kernel: sdpa on CPU then scores every token against every other of the pack, 2-5x
+    flash-attention's varlen kernel: sdpa on CPU then scores every token against every other of the pack, 2-9x
     the padded cost for the vault's rows (benchmarks/README.md, "A CPU training step")."""
     config = cpu_config(tiny_model)
     assert config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
