@@ -47,13 +47,14 @@ RESULTS = Path(__file__).parent / "results"
 class Task(NamedTuple):
     recipe: Path
     success: str  # the metric of a step's success rate
-    agent_loops: Path | None = None  # the recipe's agent-loop yaml, where its steppo_agent can branch
+    agent_loops: Path | None = None  # the recipe's agent-loop yaml, whose step agent loop can branch
 
 
 TASKS = {
     "vault": Task(ROOT / "recipe" / "steppo" / "run_cpu_vault.sh", "critic/score/mean",
                   ROOT / "steppo_verl" / "tasks" / "vault" / "vault_agent_loop.yaml"),
-    "textworld": Task(ROOT / "recipe" / "steppo" / "run_cpu_textworld.sh", "steppo/episode_reward/mean"),
+    "textworld": Task(ROOT / "recipe" / "steppo" / "run_cpu_textworld.sh", "steppo/episode_reward/mean",
+                      ROOT / "steppo_verl" / "config" / "env_agent_loop.yaml"),
 }
 
 
@@ -73,6 +74,8 @@ TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_ro
 # StepPO on the batch's Monte-Carlo state values at lam 0 (per-state TD credit without critic error), which several
 # arms change one thing of
 STATE_VALUES_LAM0 = ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")
+# the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
+ACTION_CLIP_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)
 
 # name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides[, branching]). One change per ablation, against
 # `steppo`.
@@ -86,9 +89,8 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # GRPO's advantages with the step loss: separates the step loss from the estimator the other way round
     "grpo+step_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo",)),
     "steppo+step_mean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_step_mean",)),
-    # the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
-    "steppo+action_clip": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)),
-    "grpo+action_clip_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)),
+    "steppo+action_clip": ("steppo", ACTION_CLIP_LOSS),
+    "grpo+action_clip_loss": ("grpo", ACTION_CLIP_LOSS),
     "steppo+clip0.2": ("steppo", ("actor_rollout_ref.actor.clip_ratio_low=0.2",
                                   "actor_rollout_ref.actor.clip_ratio_high=0.2")),
     "steppo+token_value_loss": ("steppo", ("algorithm.steppo.value_loss=tokens",)),
@@ -110,8 +112,7 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # the batch's values at lam 0 with the token loss / the whole-step clip: does the step loss's geometric-mean clip
     # let the near-deterministic policy fall (README, "World 2 again")?
     "steppo+state_values+lam0+vanilla_loss": ("steppo", (*STATE_VALUES_LAM0, *TOKEN_LOSS)),
-    "steppo+state_values+lam0+action_clip": ("steppo", (
-        *STATE_VALUES_LAM0, "actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip")),
+    "steppo+state_values+lam0+action_clip": ("steppo", (*STATE_VALUES_LAM0, *ACTION_CLIP_LOSS)),
     # the KL term's value as k3 (low_var_kl) with k2's gradient, verl's straight-through "+": k3's own gradient is
     # that of KL(ref || pi), which pushes a near-deterministic policy back onto every token the warm start liked
     "steppo+state_values+lam0+k3plus": ("steppo", (*STATE_VALUES_LAM0,
@@ -119,8 +120,7 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "grpo+k3plus": ("grpo", ("actor_rollout_ref.actor.kl_loss_type=low_var_kl+",)),
     # whitening that divides by the std only: a step whose TD error is 0 stays at 0 (README, "Whitening")
     "steppo+uncentred": ("steppo", ("algorithm.steppo.center=false",)),
-    "steppo+action_clip+uncentred": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",
-                                                "algorithm.steppo.center=false")),
+    "steppo+action_clip+uncentred": ("steppo", (*ACTION_CLIP_LOSS, "algorithm.steppo.center=false")),
     "steppo+vanilla_loss+uncentred": ("steppo", (*TOKEN_LOSS, "algorithm.steppo.center=false")),
     "steppo+state_values+lam0+uncentred": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.center=false")),
     "hgpo": ("hgpo", ()),
@@ -137,7 +137,7 @@ def arm_overrides(arm: Arm, task: Task, run_dir: Path) -> tuple[str, ...]:
     if arm.branching is None:
         return arm.overrides
     if task.agent_loops is None:
-        raise ValueError(f"this task's recipe has no steppo_agent to branch ({task.recipe.name})")
+        raise ValueError(f"this task's recipe has no step agent loop to branch ({task.recipe.name})")
     return (*arm.overrides, *branching_overrides(task.agent_loops, arm.branching, run_dir / "agent_loop.yaml"))
 
 

@@ -39,8 +39,8 @@ come from the agent-loop yaml
 fails or times out all become an observation for the model; the rollout never fails because of a
 tool. Every sample of a batch must use this loop, since verl requires identical keys per sample.
 
-Branching rollouts (ARPO, :mod:`steppo_verl.branching`; the yaml's ``branching`` block, off by default):
-one sample then returns a list of ``total_rollouts`` outputs. The ``initial_rollouts`` trajectories
+Branching rollouts (ARPO, :mod:`steppo_verl.branching`; the yaml's ``branching`` block, off by default; the
+driver, shared with ``steppo_env_agent``, is :mod:`steppo_verl.branch_loop`): one sample then returns a list of ``total_rollouts`` outputs. The ``initial_rollouts`` trajectories
 start from the prompt and advance one step per round together; after each round the planner reads the
 entropy of each step's opening tokens (the rollout server's top-k log-probs, asked for with
 ``sampling_params["top_logprobs"]``) and may branch a trajectory that just received a tool response:
@@ -60,25 +60,15 @@ import asyncio
 import copy
 import dataclasses
 import json
-import random
 import time
 from typing import Any
 
-import torch
 from verl.experimental.agent_loop.agent_loop import register
 from verl.experimental.agent_loop.tool_agent_loop import AgentData, AgentState, ToolAgentLoop
 from verl.experimental.agent_loop.tool_parser import FunctionCall
 from verl.tools.schemas import ToolResponse
 
-from steppo_verl.branching import (
-    PLAIN_ROLLOUT,
-    BranchingConfig,
-    BranchPlanner,
-    Path,
-    SegmentReport,
-    check_rollout_n_for_branching,
-    segment_entropy,
-)
+from steppo_verl.branch_loop import BranchingLoop
 from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.safe_text import prompt_safe
 from steppo_verl.state_keys import state_key
@@ -107,31 +97,8 @@ class _Trajectory:
     top_logprobs: list[list[float]] | None = None
 
 
-class _TopLogprobTap:
-    """The rollout server, with the top-k log-probs taken out of its replies and kept by request id.
-
-    Why: verl's generating state copies a reply's ``extra_fields`` into the output row, where ``[T][k]``
-    lists per turn have no place; the branching loop needs them only to measure entropy.
-    """
-
-    FIELDS = ("top_token_ids", "top_logprobs")
-
-    def __init__(self, server: Any):
-        self.server = server
-        self.taken: dict[str, list[list[float]] | None] = {}
-
-    async def generate(self, request_id: str, **kwargs: Any):
-        output = await self.server.generate(request_id=request_id, **kwargs)
-        self.taken[request_id] = output.extra_fields.get("top_logprobs")
-        kept = {k: v for k, v in output.extra_fields.items() if k not in self.FIELDS}
-        return output.model_copy(update={"extra_fields": kept})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.server, name)
-
-
 @register("steppo_agent")
-class StepAgentLoop(ToolAgentLoop):
+class StepAgentLoop(BranchingLoop, ToolAgentLoop):
     """verl's tool agent loop with a step record and optional ARPO branching; see the module docstring."""
 
     def __init__(
@@ -149,22 +116,8 @@ class StepAgentLoop(ToolAgentLoop):
         self.max_episode_seconds = max_episode_seconds
         self.initial_search_tool = initial_search_tool
         self.endings = EndingPolicy.from_names(bootstrap_endings)
-        self.branching = BranchingConfig.from_options(branching)
-        if self.branching is not None:
-            check_rollout_n_for_branching(self.rollout_config.n)
-            self.server_manager = _TopLogprobTap(self.server_manager)
+        self._init_branching(branching)
         self._tool_states: list[Any] | None = None  # the states the tools of the current observation named
-
-    async def run(
-        self, sampling_params: dict[str, Any], priority: int = 0, **kwargs
-    ) -> StepAgentLoopOutput | list[StepAgentLoopOutput]:
-        sampling_params = dict(sampling_params)
-        plain = sampling_params.pop(PLAIN_ROLLOUT, False)
-        if self.branching is not None and not plain:
-            return await self._run_branching(sampling_params, priority, kwargs)
-        trajectory = await self._start_trajectory(sampling_params, priority, kwargs)
-        ending = await self._run_steps(trajectory, sampling_params)
-        return self._finish(trajectory, ending)
 
     async def _start_trajectory(
         self, sampling_params: dict[str, Any], priority: int, kwargs: dict[str, Any]
@@ -218,12 +171,6 @@ class StepAgentLoop(ToolAgentLoop):
         response, _, _ = await self._call_tool(call, agent_data.tools_kwargs, agent_data)
         agent_data.messages.append({"role": "tool", "content": response.text or ""})
 
-    async def _run_steps(self, trajectory: _Trajectory, sampling_params: dict[str, Any]) -> Ending:
-        """Alternate model steps and observations until the model answers or a limit cuts it off."""
-        while (ending := await self._step(trajectory, sampling_params)) is None:
-            pass
-        return ending
-
     async def _step(self, trajectory: _Trajectory, sampling_params: dict[str, Any]) -> Ending | None:
         """One model step and the observation it asked for; the ending if the trajectory ended, else None."""
         agent_data, steps = trajectory.agent_data, trajectory.steps
@@ -231,8 +178,7 @@ class StepAgentLoop(ToolAgentLoop):
             return Ending.TIMEOUT
         generated_before = len(agent_data.response_mask)
         state = await self._handle_generating_state(agent_data, sampling_params)
-        if self.branching is not None:
-            trajectory.top_logprobs = self.server_manager.taken.pop(agent_data.request_id, None)
+        self._take_top_logprobs(trajectory)
         agent_data.extra_fields.update(trajectory.tool_fields)
         trajectory.tool_fields = {}
         if len(agent_data.response_mask) > generated_before:
@@ -253,63 +199,7 @@ class StepAgentLoop(ToolAgentLoop):
 
     # ------------------------------------------------------------------------------------------ branching
 
-    async def _run_branching(
-        self, sampling_params: dict[str, Any], priority: int, kwargs: dict[str, Any]
-    ) -> list[StepAgentLoopOutput]:
-        """ARPO's rollouts of one sample: ``total_rollouts`` rows, in path order (see the module docstring).
-
-        Round by round every active trajectory takes one step (concurrently); the planner then sees
-        each step's entropy and starts branches (copies of a trajectory that just observed a tool
-        response) or, when nothing continues, a whole rollout.
-        """
-        config = self.branching
-        planner = BranchPlanner(config, random.Random(branch_seed(self.rollout_config.get("seed"), kwargs)))
-        sampling_params = {**sampling_params, "top_logprobs": config.top_k}
-        starts = [self._start_trajectory(sampling_params, priority, kwargs) for _ in planner.paths]
-        trajectories = dict(enumerate(await asyncio.gather(*starts)))
-        endings: dict[int, Ending] = {}
-        while not planner.done:
-            active = list(planner.active)
-            results = await asyncio.gather(*(self._step(trajectories[i], sampling_params) for i in active))
-            reports = {}
-            for path_id, ending in zip(active, results):
-                reports[path_id], ending = self._report(trajectories[path_id], ending)
-                if ending is not None:
-                    endings[path_id] = ending
-            for path in planner.plan_round(reports):
-                trajectories[path.path_id] = (
-                    self._branch(trajectories[path.parent_id], priority)
-                    if path.parent_id >= 0
-                    else await self._start_trajectory(sampling_params, priority, kwargs)
-                )
-        return [self._finish_path(trajectories[p.path_id], endings[p.path_id], p) for p in planner.paths]
-
-    def _report(self, trajectory: _Trajectory, ending: Ending | None) -> tuple[SegmentReport, Ending | None]:
-        """What the planner needs of a trajectory's last step, and its ending.
-
-        A trajectory whose observation filled the response budget has no room for another step: it ends
-        here with a length cut instead of being branched into copies that could not generate.
-        """
-        length = len(trajectory.agent_data.response_mask)
-        if ending is None and length >= self.response_length:
-            ending = Ending.LENGTH_LIMIT
-        return SegmentReport(self._segment_entropy(trajectory), ending is None, length), ending
-
-    def _segment_entropy(self, trajectory: _Trajectory) -> float:
-        """ARPO's entropy of the last generated segment's opening tokens (0 if the step generated nothing)."""
-        rows = trajectory.top_logprobs
-        if rows is None:
-            if not trajectory.steps:
-                return 0.0  # the trajectory timed out before its first generation
-            raise RuntimeError(
-                "branching rollouts need the rollout server's top-k log-probs of each response token "
-                f"(sampling_params top_logprobs={self.branching.top_k}, returned as extra_fields['top_logprobs']); "
-                f"the server ({type(self.server_manager.server).__name__}) returned none. The hf rollout server "
-                "returns them; for another server, add them or turn branching off"
-            )
-        return float(segment_entropy(top_logprob_matrix(rows), len(self.tokenizer), self.branching.entropy_window))
-
-    def _branch(self, parent: _Trajectory, priority: int) -> _Trajectory:
+    async def _branch(self, parent: _Trajectory, priority: int) -> _Trajectory:
         """A copy of ``parent`` (its whole context, steps and tool-visible state) with its own request id.
 
         Tools are shared, not copied. A tool that keeps per-trajectory state outside ``AgentData`` (keyed
@@ -323,12 +213,6 @@ class StepAgentLoop(ToolAgentLoop):
                 tool.on_branch(parent.agent_data, agent_data)
         steps = [dataclasses.replace(step) for step in parent.steps]
         return _Trajectory(agent_data, steps, parent.key, {}, parent.deadline)
-
-    def _finish_path(self, trajectory: _Trajectory, ending: Ending, path: Path) -> StepAgentLoopOutput:
-        output = self._finish(trajectory, ending)
-        output.path_id, output.parent_id = path.path_id, path.parent_id
-        output.branch_position = path.branch_position if path.parent_id >= 0 else -1
-        return output
 
     async def _classify_stop(self, agent_data: AgentData) -> Ending | None:
         """Why verl's generating state stopped. None: a malformed tool call, queued for an observation."""
@@ -408,26 +292,6 @@ class StepAgentLoop(ToolAgentLoop):
         if response.text:
             response = response.model_copy(update={"text": prompt_safe(response.text, self.tokenizer)})
         return response, reward, metrics
-
-
-def branch_seed(rollout_seed: Any, kwargs: dict[str, Any]) -> str:
-    """The planner's seed for one sample: the rollout seed, the training step and the sample's identity.
-
-    A string seeds ``random.Random`` the same way in every process (no hash randomisation).
-    """
-    identity = [kwargs.get(name) for name in ("global_steps", "index", "session_id")]
-    identity = [value.tolist() if isinstance(value, torch.Tensor) else value for value in identity]
-    return json.dumps([rollout_seed, *identity, kwargs.get("raw_prompt")], default=str)
-
-
-def top_logprob_matrix(rows: list[list[float]]) -> torch.Tensor:
-    """``[T, k]`` float64 from the server's per-token top-k lists; rows of unequal length padded with -inf
-    (vLLM adds the sampled token where it is not among the top k)."""
-    width = max((len(row) for row in rows), default=1)
-    matrix = torch.full((len(rows), width), -torch.inf, dtype=torch.float64)
-    for t, row in enumerate(rows):
-        matrix[t, : len(row)] = torch.tensor(row, dtype=torch.float64)
-    return matrix
 
 
 # What this module registers with verl; the plugin checks each entry after import.

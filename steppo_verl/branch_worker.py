@@ -34,16 +34,18 @@ from steppo_verl.branching import PLAIN_ROLLOUT
 __all__ = ["MANAGER_CLASS", "BranchAgentLoopManager", "BranchScoringWorker", "branching_overrides"]
 
 MANAGER_CLASS = "steppo_verl.branch_worker.BranchAgentLoopManager"
+BRANCHING_LOOPS = ("steppo_agent", "steppo_env_agent")  # the registered loops that branch (branch_loop.py)
 
 
 def branching_overrides(agent_loops: str | Path, branching: Mapping[str, Any], out: str | Path) -> tuple[str, ...]:
     """Turn on branching rollouts for a run: writes the agent-loop yaml ``agent_loops`` to ``out`` with
-    ``branching`` as ``steppo_agent``'s branching block, and returns the hydra overrides that run it: that yaml,
-    this manager, and ``rollout.n=1`` (one sample returns its prompt's whole budget)."""
+    ``branching`` as the branching block of its ``steppo_agent`` and ``steppo_env_agent`` entries, and returns the
+    hydra overrides that run it: that yaml, this manager, and ``rollout.n=1`` (one sample returns its prompt's
+    whole budget)."""
     entries = OmegaConf.load(agent_loops)
-    step_agents = [entry for entry in entries if entry.get("name") == "steppo_agent"]
+    step_agents = [entry for entry in entries if entry.get("name") in BRANCHING_LOOPS]
     if not step_agents:
-        raise ValueError(f"{agent_loops} has no steppo_agent entry to branch")
+        raise ValueError(f"{agent_loops} has no entry named {' or '.join(BRANCHING_LOOPS)} to branch")
     for entry in step_agents:
         entry.branching = dict(branching)
     OmegaConf.save(entries, out)
@@ -84,23 +86,24 @@ class BranchScoringWorker(_VerlWorker):
 
 
 def _branches(agent_name: str | None) -> bool:
-    """Whether the named agent loop is ``steppo_agent`` or a subclass, the loops that read PLAIN_ROLLOUT; any
-    other loop would hand the key on to the rollout server as a sampling parameter."""
+    """Whether the named agent loop runs on :class:`~steppo_verl.branch_loop.BranchingLoop` (``steppo_agent``,
+    ``steppo_env_agent`` or a subclass), the loops that read PLAIN_ROLLOUT; any other loop would hand the key on to
+    the rollout server as a sampling parameter."""
     entry = _agent_loop_registry.get(agent_name)
     if entry is None:
         return False  # verl's worker reports an unregistered agent loop itself
-    return _is_step_agent_loop(entry["_target_"])
+    return _is_branching_loop(entry["_target_"])
 
 
 @functools.lru_cache(maxsize=None)
-def _is_step_agent_loop(target: str) -> bool:
-    """Whether the class at ``target`` is :class:`StepAgentLoop` or a subclass; resolved once per class, not
-    once per validation sample."""
+def _is_branching_loop(target: str) -> bool:
+    """Whether the class at ``target`` is a :class:`~steppo_verl.branch_loop.BranchingLoop`; resolved once per
+    class, not once per validation sample."""
     # Imported here: the trainer imports this module, and must stay importable (and registered) when the agent
-    # loop's own imports fail (tests/test_plugin.py).
-    from steppo_verl.agent_loop import StepAgentLoop
+    # loops' own imports fail (tests/test_plugin.py).
+    from steppo_verl.branch_loop import BranchingLoop
 
-    return issubclass(hydra.utils.get_class(target), StepAgentLoop)
+    return issubclass(hydra.utils.get_class(target), BranchingLoop)
 
 
 class BranchAgentLoopManager(AgentLoopManagerTQ):

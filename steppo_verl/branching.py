@@ -12,8 +12,8 @@ Advantages come from GRPO over all rollouts of a prompt; tokens of a shared pref
 trained once per trajectory that holds them ("soft": in expectation they carry their branches' mean
 advantage) or once in all, with that mean ("hard").
 
-This module holds no agent loop: ``steppo_agent`` (:mod:`steppo_verl.agent_loop`) drives
-:class:`BranchPlanner` (one per prompt), and the ``arpo`` estimator registered here
+This module holds no agent loop: both step agent loops drive :class:`BranchPlanner` (one per prompt)
+through :mod:`steppo_verl.branch_loop`, and the ``arpo`` estimator registered here
 (``algorithm.adv_estimator=arpo``, ``algorithm.arpo.attribution: soft|hard``) calls
 :func:`branch_advantages` on the branch fields the StepPO trainer fetches. Everything is
 deterministic given the ``random.Random`` passed in.
@@ -104,7 +104,7 @@ def check_rollout_n_for_branching(n: int) -> None:
     sample's uid (one GRPO group); ``rollout.n`` copies would repeat the path ids within that group."""
     if n != 1:
         raise ValueError(
-            f"branching rollouts (steppo_agent's branching block) return total_rollouts trajectories per sample, "
+            f"branching rollouts (the agent loop's branching block) return total_rollouts trajectories per sample, "
             f"replacing rollout.n copies: set actor_rollout_ref.rollout.n=1 (it is {n}), and count "
             "actor.ppo_mini_batch_size in trajectories"
         )
@@ -519,7 +519,7 @@ def verl_lineage(index: Any, branches: Mapping[str, torch.Tensor] | None) -> Lin
         raise ValueError(
             "branched rollouts (adv_estimator=arpo, algorithm.steppo.values=branch_returns) need the branch fields "
             "of each row (path_id, parent_id, branch_position) and the responses: train through the StepPO "
-            "trainer (python -m steppo_verl.main) on steppo_agent's rows"
+            "trainer (python -m steppo_verl.main) on the rows of steppo_agent or steppo_env_agent"
         )
     if index is None:
         raise ValueError("branched rollouts need the rows' prompt uids (index) to group them")

@@ -42,11 +42,20 @@ understand is its own to answer the same way. An environment that *raises* has f
 unknown: the rollout stops with :class:`EnvironmentFailure` naming the environment, the call and the cause,
 rather than training on a trajectory whose states are guesses. History is the full conversation (no
 bounded-history option yet). Every sample of a batch must use this loop (verl requires identical keys).
+
+Branching rollouts (ARPO's; the yaml's ``branching`` block, off by default) run as in ``steppo_agent``, through
+the shared driver :mod:`steppo_verl.branch_loop`. A branch copies its parent's context and step record, and gets
+an environment of its own: built from the same spec, reset to the same task and sent the parent's actions again
+(the turns without an action were never sent, so they are not replayed). The replay must end in the parent's
+state (its ``state_key``); else the rollout stops with :class:`EnvironmentFailure`, since the environment's
+episode is not determined by its task and actions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +65,7 @@ from verl.experimental.agent_loop.tool_agent_loop import AgentData, ToolAgentLoo
 from verl.experimental.agent_loop.tool_parser import FunctionCall, ToolParser
 from verl.utils.profiler import simple_timer
 
+from steppo_verl.branch_loop import BranchingLoop
 from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.envs import Environment, InvalidAction, StepResult, check_action_tag, invalid_action_text, make_env
 from steppo_verl.envs import parse_action
@@ -78,8 +88,28 @@ class _TurnAsText(ToolParser):
         return self.tokenizer.decode(responses_ids, skip_special_tokens=True), []
 
 
+@dataclasses.dataclass
+class _EnvTrajectory:
+    """One trajectory in progress: verl's state, our step record, its environment and how it got where it is.
+
+    spec, task: what its environment was built and reset from (a branch builds its own from them).
+    state: the environment's last answer, the state the next step is taken from.
+    actions: the actions sent to the environment so far, in order (a branch replays them).
+    top_logprobs: ``[T][k]`` the top-k log-probs of the segment generated last (branching only).
+    """
+
+    agent_data: AgentData
+    steps: list[StepRecord]
+    env: Environment
+    spec: dict[str, Any]
+    task: dict[str, Any]
+    state: StepResult
+    actions: list[str]
+    top_logprobs: list[list[float]] | None = None
+
+
 @register(ENV_AGENT)
-class EnvAgentLoop(ToolAgentLoop):
+class EnvAgentLoop(BranchingLoop, ToolAgentLoop):
     """verl's generation and tokenization, an environment instead of tools, and the step record."""
 
     def __init__(
@@ -88,6 +118,7 @@ class EnvAgentLoop(ToolAgentLoop):
         env: Mapping[str, Any] | None = None,
         action_tag: str | None = "action",
         bootstrap_endings: list[str] | None = None,
+        branching: Any = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -100,21 +131,33 @@ class EnvAgentLoop(ToolAgentLoop):
         self.env_spec = _plain(env, "the loop's `env` option") if env is not None else None
         self.action_tag = check_action_tag(action_tag)
         self.endings = EndingPolicy.from_names(bootstrap_endings)
+        self._init_branching(branching)
 
-    async def run(self, sampling_params: dict[str, Any], priority: int = 0, **kwargs) -> StepAgentLoopOutput:
+    async def _start_trajectory(
+        self, sampling_params: dict[str, Any], priority: int, kwargs: dict[str, Any]
+    ) -> _EnvTrajectory:
+        """A new trajectory: its environment reset to the sample's task, the first observation after the prompt."""
         extra_info = kwargs.get("extra_info") or {}
         agent_data = start_episode(self, kwargs["raw_prompt"], priority, tools_kwargs={})
-        env = make_env(self._env_spec(extra_info))
+        spec, task = self._env_spec(extra_info), _task(extra_info)
+        env = make_env(spec)
         try:
-            first = await self._call_env(env, "reset", _task(extra_info), agent_data.metrics)
+            first = await self._call_env(env, "reset", task, agent_data.metrics)
             agent_data.messages.append(self._observation_message(first.observation))
             await self._handle_pending_state(agent_data, sampling_params)
-            steps: list[StepRecord] = []
-            ending, last = await self._run_steps(env, agent_data, sampling_params, first, steps)
-        finally:
+        except BaseException:
             await asyncio.to_thread(env.close)
-        output = finish_episode(agent_data, steps, ending, self.endings, self.tokenizer, self.response_length)
-        output.extra_fields["env_info"] = last.info
+            raise
+        return _EnvTrajectory(agent_data, [], env, spec, task, first, [])
+
+    async def _release(self, trajectory: _EnvTrajectory) -> None:
+        await asyncio.to_thread(trajectory.env.close)
+
+    def _finish(self, trajectory: _EnvTrajectory, ending: Ending) -> StepAgentLoopOutput:
+        output = finish_episode(
+            trajectory.agent_data, trajectory.steps, ending, self.endings, self.tokenizer, self.response_length
+        )
+        output.extra_fields["env_info"] = trajectory.state.info
         return output
 
     def _env_spec(self, extra_info: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,35 +170,57 @@ class EnvAgentLoop(ToolAgentLoop):
             )
         return self.env_spec
 
-    async def _run_steps(
-        self,
-        env: Environment,
-        agent_data: AgentData,
-        sampling_params: dict[str, Any],
-        state: StepResult,
-        steps: list[StepRecord],
-    ) -> tuple[Ending, StepResult]:
-        """Alternate model steps and the environment's answers until the episode ends; the ending and the
-        environment's last answer."""
-        while True:
-            generated_before, messages_before = len(agent_data.response_mask), len(agent_data.messages)
-            await self._handle_generating_state(agent_data, sampling_params)
-            if len(agent_data.response_mask) > generated_before:
-                steps.append(StepRecord(state_key=state.state_key))
-            text = self._assistant_text(agent_data, messages_before)
-            if self._turn_was_cut(agent_data):
-                return Ending.LENGTH_LIMIT, state
-            state = await self._act(env, text, state, agent_data.metrics)
-            if steps:
-                steps[-1].reward += state.reward
-            if state.terminated:
-                return Ending.ENV_DONE, state
-            if not await self._observe(agent_data, state.observation):
-                return Ending.LENGTH_LIMIT, state
-            if at_turn_limit(agent_data, self.max_assistant_turns, self.max_user_turns):
-                return Ending.TURN_LIMIT, state
-            if state.truncated:
-                return Ending.ENV_TRUNCATED, state
+    async def _step(self, trajectory: _EnvTrajectory, sampling_params: dict[str, Any]) -> Ending | None:
+        """One model step and the environment's answer to it; the episode's ending, or None if it goes on."""
+        agent_data, steps = trajectory.agent_data, trajectory.steps
+        generated_before, messages_before = len(agent_data.response_mask), len(agent_data.messages)
+        await self._handle_generating_state(agent_data, sampling_params)
+        self._take_top_logprobs(trajectory)
+        if len(agent_data.response_mask) > generated_before:
+            steps.append(StepRecord(state_key=trajectory.state.state_key))
+        text = self._assistant_text(agent_data, messages_before)
+        if self._turn_was_cut(agent_data):
+            return Ending.LENGTH_LIMIT
+        trajectory.state = state = await self._act(trajectory, text)
+        if steps:
+            steps[-1].reward += state.reward
+        if state.terminated:
+            return Ending.ENV_DONE
+        if not await self._observe(agent_data, state.observation):
+            return Ending.LENGTH_LIMIT
+        if at_turn_limit(agent_data, self.max_assistant_turns, self.max_user_turns):
+            return Ending.TURN_LIMIT
+        if state.truncated:
+            return Ending.ENV_TRUNCATED
+        return None
+
+    async def _branch(self, parent: _EnvTrajectory, priority: int) -> _EnvTrajectory:
+        """A copy of ``parent``: its context and steps, and a new environment brought to the same state by
+        replaying the parent's actions on it (an environment holds no state that can be copied in general:
+        TextWorld's is an interpreter process).
+
+        Raises:
+            EnvironmentFailure: the replay ended in another state than the parent's, so the environment's episode
+                is not a function of its task and actions, and a branch could not continue it.
+        """
+        agent_data = copy.deepcopy(parent.agent_data)
+        agent_data.request_id = self._make_request_id(priority, self.rollout_config.full_determinism)
+        env = make_env(parent.spec)
+        try:
+            state = await self._call_env(env, "reset", parent.task, agent_data.metrics)
+            for action in parent.actions:
+                state = await self._call_env(env, "step", action, agent_data.metrics)
+            if state.state_key != parent.state.state_key:
+                raise EnvironmentFailure(
+                    f"environment {type(env).__name__} replayed the {len(parent.actions)} actions of the trajectory "
+                    f"being branched and reached state key {state.state_key}, not its {parent.state.state_key}: "
+                    "branching rollouts need an environment whose episode is determined by its task and actions"
+                )
+        except BaseException:
+            await asyncio.to_thread(env.close)
+            raise
+        steps = [dataclasses.replace(step) for step in parent.steps]
+        return _EnvTrajectory(agent_data, steps, env, parent.spec, parent.task, parent.state, list(parent.actions))
 
     def _assistant_text(self, agent_data: AgentData, messages_before: int) -> str:
         """The text of the turn just generated, decoded once: verl's assistant message (``_TurnAsText``
@@ -171,14 +236,16 @@ class EnvAgentLoop(ToolAgentLoop):
         finished = agent_data.response_ids[-1:] == [self.tokenizer.eos_token_id]
         return used > self.response_length or (used == self.response_length and not finished)
 
-    async def _act(self, env: Environment, text: str, state: StepResult, metrics: dict[str, Any]) -> StepResult:
-        """The environment's answer to assistant turn ``text``; a turn without an action leaves ``state``."""
+    async def _act(self, trajectory: _EnvTrajectory, text: str) -> StepResult:
+        """The environment's answer to assistant turn ``text``; a turn without an action leaves the state as it
+        was (the environment is not stepped, and the action not recorded for a branch's replay)."""
         try:
             action = parse_action(text, self.action_tag)
         except InvalidAction as reason:
             observation = invalid_action_text(str(reason))
-            return StepResult(observation, state_key=state.state_key, info={"invalid_action": True})
-        return await self._call_env(env, "step", action, metrics)
+            return StepResult(observation, state_key=trajectory.state.state_key, info={"invalid_action": True})
+        trajectory.actions.append(action)
+        return await self._call_env(trajectory.env, "step", action, trajectory.agent_data.metrics)
 
     async def _call_env(self, env: Environment, method: str, argument: Any, metrics: dict[str, Any]) -> StepResult:
         """``env.<method>(argument)`` in a worker thread, timed into ``metrics`` as verl's tool time."""

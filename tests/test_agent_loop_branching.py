@@ -12,7 +12,7 @@ import torch
 from test_agent_loop import PROMPT, EchoSearch, call, make_loop
 from verl.workers.rollout.replica import TokenOutput
 
-from steppo_verl.agent_loop import branch_seed
+from steppo_verl.branch_loop import branch_seed
 from steppo_verl.branching import PLAIN_ROLLOUT
 from steppo_verl.protocol import validate_step_ids
 from steppo_verl.dev.tiny_model import build_tiny_tokenizer
@@ -36,13 +36,18 @@ class TurnServer:
         self.sampling_params: list[dict] = []
         self.count = 0
 
+    def turn(self, prompt_text: str) -> int:
+        return prompt_text.count("result for")
+
+    def reply(self, turn: int) -> str:
+        return call(f"q{turn}n{self.count}") if turn < self.calls else f"<answer>Paris {self.count}</answer>"
+
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs) -> TokenOutput:
         await asyncio.sleep(0)
         self.sampling_params.append(dict(sampling_params))
-        turn = self.tokenizer.decode(prompt_ids).count("result for")
+        turn = self.turn(self.tokenizer.decode(prompt_ids))
         self.count += 1
-        text = call(f"q{turn}n{self.count}") if turn < self.calls else f"<answer>Paris {self.count}</answer>"
-        ids = self.tokenizer.encode(text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        ids = self.tokenizer.encode(self.reply(turn), add_special_tokens=False) + [self.tokenizer.eos_token_id]
         p = self.probs[turn]
         top = [[math.log(p), math.log(1 - p)]] * len(ids)
         return TokenOutput(

@@ -39,6 +39,14 @@ def test_a_branching_arm_runs_the_tasks_agent_loop_with_a_branching_block(tmp_pa
     assert block.initial_rollouts == 4
 
 
+def test_textworld_branches_its_environment_loop(tmp_path):
+    bench.arm_overrides(bench.ARMS["arpo"], bench.TASKS["textworld"], tmp_path)
+    written = {entry.name: entry for entry in OmegaConf.load(tmp_path / "agent_loop.yaml")}
+    assert written.keys() == {"steppo_env_agent"}
+    assert BranchingConfig.from_options(written["steppo_env_agent"].branching).total_rollouts == 8
+
+
 def test_a_task_without_a_branching_agent_loop_refuses_a_branching_arm(tmp_path):
-    with pytest.raises(ValueError, match="no steppo_agent to branch"):
-        bench.arm_overrides(bench.ARMS["arpo"], bench.TASKS["textworld"], tmp_path)
+    task = bench.TASKS["vault"]._replace(agent_loops=None)
+    with pytest.raises(ValueError, match="no step agent loop to branch"):
+        bench.arm_overrides(bench.ARMS["arpo"], task, tmp_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopMetrics, AgentLoopOutput
 from verl.trainer.ppo.v1 import agent_loop_tq
 
@@ -101,14 +102,15 @@ def agent_loop_params(monkeypatch):
     return run
 
 
-def test_validation_samples_of_the_step_agent_loop_are_marked_plain(agent_loop_params):
-    assert agent_loop_params("steppo_agent", validate=True) == {"temperature": 0.0, PLAIN_ROLLOUT: True}
-    assert agent_loop_params("steppo_agent", validate=False) == {"temperature": 0.0}
+@pytest.mark.parametrize("name", ["steppo_agent", "steppo_env_agent"])
+def test_validation_samples_of_the_branching_loops_are_marked_plain(agent_loop_params, name):
+    assert agent_loop_params(name, validate=True) == {"temperature": 0.0, PLAIN_ROLLOUT: True}
+    assert agent_loop_params(name, validate=False) == {"temperature": 0.0}
 
 
 def test_other_agent_loops_never_get_the_plain_mark(agent_loop_params):
     # verl's tool agent loop would pass the unknown key on to the rollout server as a sampling parameter.
-    for name in ("tool_agent", "steppo_env_agent", "not_registered"):
+    for name in ("tool_agent", "single_turn_agent", "not_registered"):
         assert agent_loop_params(name, validate=True) == {"temperature": 0.0}
 
 
@@ -117,7 +119,7 @@ def test_the_agent_loop_class_is_resolved_once_not_per_validation_sample(agent_l
 
     from steppo_verl import branch_worker
 
-    branch_worker._is_step_agent_loop.cache_clear()
+    branch_worker._is_branching_loop.cache_clear()
     resolved, get_class = [], hydra.utils.get_class
     monkeypatch.setattr(hydra.utils, "get_class", lambda target: resolved.append(target) or get_class(target))
     for _ in range(3):
@@ -149,6 +151,17 @@ def test_ray_builds_the_worker_actor_up_to_verls_own_arguments():
 def test_branching_overrides_refuse_an_agent_loop_yaml_without_the_step_agent(tmp_path):
     loops = tmp_path / "loops.yaml"
     loops.write_text("- name: tool_agent\n  _target_: verl.experimental.agent_loop.ToolAgentLoop\n")
-    with pytest.raises(ValueError, match="no steppo_agent"):
+    with pytest.raises(ValueError, match="no entry named steppo_agent or steppo_env_agent"):
         branching_overrides(loops, {"total_rollouts": 8}, tmp_path / "out.yaml")
     assert not (tmp_path / "out.yaml").exists()
+
+
+def test_branching_overrides_branch_the_environment_loop_and_leave_other_loops(tmp_path):
+    loops = tmp_path / "loops.yaml"
+    loops.write_text("- name: steppo_env_agent\n  _target_: steppo_verl.env_loop.EnvAgentLoop\n"
+                     "- name: tool_agent\n  _target_: verl.experimental.agent_loop.ToolAgentLoop\n")
+    overrides = branching_overrides(loops, {"total_rollouts": 8}, tmp_path / "out.yaml")
+    written = OmegaConf.load(tmp_path / "out.yaml")
+    assert written[0].branching == {"total_rollouts": 8}
+    assert "branching" not in written[1]
+    assert f"actor_rollout_ref.rollout.agent.agent_loop_config_path={tmp_path / 'out.yaml'}" in overrides

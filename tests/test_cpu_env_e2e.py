@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from test_cpu_e2e import RUN_TIMEOUT_S, assert_two_finite_steps, run_in_session
 
+from steppo_verl.branch_worker import branching_overrides
 from steppo_verl.endings import Ending
 
 pytestmark = pytest.mark.ray
@@ -100,3 +101,28 @@ def assert_two_env_loop_steps(result, max_turns: int) -> None:
 def test_corridor_env_loop_trains_two_steppo_steps_on_cpu(workdir):
     result = run_in_session(env_run_command(workdir), workdir)
     assert_two_env_loop_steps(result, max_turns=3)
+
+
+BRANCHING = {"initial_rollouts": 2, "total_rollouts": 4, "beam": 2, "entropy_window": 5, "top_k": 5}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_corridor_env_loop_trains_two_arpo_steps_on_branching_rollouts_on_cpu(workdir, tmp_path):
+    """ARPO on the environment loop: branches replay their parent's actions on a new corridor; the v1 trainer
+    scores and trains every branch of a sample as its own row."""
+    cmd = [
+        *env_run_command(workdir),
+        "algorithm.adv_estimator=arpo", "critic.enable=false",
+        "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla",
+        "actor_rollout_ref.actor.clip_ratio_low=0.2", "actor_rollout_ref.actor.clip_ratio_high=0.2",
+        # its yaml (the env loop's, with the branching block), the branch-scoring manager, rollout.n=1
+        *branching_overrides(ENV_LOOP_YAML, BRANCHING, tmp_path / "env_agent_loop.yaml"),
+        f"trainer.default_local_dir={tmp_path}/checkpoints", f"hydra.run.dir={tmp_path}/hydra",
+    ]
+    result = run_in_session(cmd, tmp_path)
+    assert_two_finite_steps(result, "steppo/num_steps/mean", "perf/total_num_tokens")
+    for step, metrics in result.metrics.items():
+        # Every sample filled its budget: the 4 corridors x total_rollouts rows per step.
+        rows = metrics["perf/total_num_tokens"] / (metrics["prompt_length/mean"] + metrics["response_length/mean"])
+        assert round(rows, 6) == len(TASKS) * BRANCHING["total_rollouts"], step
+        assert 1 <= metrics["steppo/num_steps/min"] and metrics["steppo/num_steps/max"] <= 3, step
