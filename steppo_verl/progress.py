@@ -37,7 +37,7 @@ from steppo_verl.inspect.records import RECORDS_DIR
 from steppo_verl.inspect.report import build_report
 
 __all__ = ["KEY_FIGURES", "Outcome", "RunConfig", "progress_line", "read_run_config", "run_with_progress",
-           "step_table", "summary", "write_learning_curve"]
+           "step_table", "steps_without_policy_gradient", "summary", "write_learning_curve"]
 
 CONSOLE_MODES = ("auto", "compact", "full")
 # What a step's rollouts earned: the StepPO trainer's episode reward (outcome score plus environment rewards) where
@@ -45,6 +45,7 @@ CONSOLE_MODES = ("auto", "compact", "full")
 # environment rewards; the environment loop's tasks score 0 and reward through the environment.
 REWARD = ("steppo/episode_reward/mean", "critic/score/mean")
 BAR_WIDTH = 20
+POLICY_LOSS = "actor/pg_loss"  # verl's policy-gradient loss of the step (the KL term apart)
 FAILED_TAIL_LINES = 30
 
 
@@ -96,6 +97,23 @@ def step_table(steps: dict[int, dict[str, float]]) -> str:
     for step in sorted(steps):
         lines.append(f"| {step} | " + " | ".join(_format(steps[step], figure) for figure in KEY_FIGURES) + " |")
     return "\n".join(lines)
+
+
+def steps_without_policy_gradient(steps: dict[int, dict[str, float]]) -> list[int]:
+    """The training steps whose policy loss was exactly 0: every advantage was 0 (a batch, or every group, of equal
+    returns), so the policy learned nothing from its rollouts. A loss that is merely small is never exactly 0."""
+    return [step for step in sorted(steps) if steps[step].get(POLICY_LOSS) == 0.0]
+
+
+def _step_ranges(steps: list[int]) -> str:
+    """``[3, 4, 5, 8]`` as ``3-5, 8``."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][-1] + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 # ----------------------------------------------------------------------------- the run's configuration
@@ -237,6 +255,12 @@ def summary(steps: dict[int, dict[str, float]], config: RunConfig | None, outcom
     lines = [f"StepPO run {state} (exit {outcome.returncode}): {len(trained)}"
              + (f" of {total}" if total else "") + f" training steps in {_duration(outcome.wall_s)}", ""]
     lines += [step_table(trained), ""] if trained else ["no training step finished", ""]
+    silent = steps_without_policy_gradient(trained)
+    if silent:
+        lines += [f"no policy gradient at step{'s' if len(silent) > 1 else ''} {_step_ranges(silent)}: every "
+                  "advantage was 0 (every rollout earned the same return, e.g. all failed), so only the KL term "
+                  "moved the policy. A run that stays there is stuck: see benchmarks/README.md, \"World 1 over "
+                  "eight seeds\".", ""]
     lines.append(f"full log:        {log.absolute()}")
     if config is None:
         lines.append("outputs:         unknown: the run stopped before hydra composed its configuration")

@@ -25,6 +25,7 @@ from steppo_verl.progress import (
     read_run_config,
     run_with_progress,
     step_table,
+    steps_without_policy_gradient,
     summary,
     write_learning_curve,
 )
@@ -124,6 +125,29 @@ def test_summary_has_the_table_the_paths_and_a_report_that_renders(tmp_path):
     assert f"open it with:    python3 -m webbrowser -t {report.as_uri()}" in text
     data = embedded_data(report.read_text(encoding="utf-8"))
     assert {t["training_step"] for t in data["trajectories"]} == {10, 20, 30}
+
+
+def stuck_step(step: int) -> dict[str, float]:
+    """A step whose rollouts all earned 0: verl's policy loss is exactly 0 (every advantage 0)."""
+    return {**parsed(1), "actor/pg_loss": 0.0, "critic/score/mean": 0.0}
+
+
+def test_summary_names_the_steps_without_a_policy_gradient(tmp_path):
+    (tmp_path / "run.log").write_text("whole output\n")
+    steps = {1: parsed(1), 2: parsed(2), 3: stuck_step(3), 4: stuck_step(4), 5: stuck_step(5),
+             6: {**parsed(2), "actor/pg_loss": -1e-12}, 7: stuck_step(7)}
+    assert steps_without_policy_gradient(steps) == [3, 4, 5, 7]
+    text = summary(steps, None, Outcome(0, 60.0), tmp_path / "run.log", time.time())
+    assert "no policy gradient at steps 3-5, 7: every advantage was 0" in text
+    assert "World 1 over eight seeds" in text  # where the README explains the trap
+    once = summary({1: parsed(1), 2: stuck_step(2)}, None, Outcome(0, 60.0), tmp_path / "run.log", time.time())
+    assert "no policy gradient at step 2:" in once
+
+
+def test_a_run_that_learned_every_step_has_no_such_line(tmp_path):
+    (tmp_path / "run.log").write_text("whole output\n")
+    text = summary({1: parsed(1), 2: parsed(2)}, None, Outcome(0, 60.0), tmp_path / "run.log", time.time())
+    assert "no policy gradient" not in text
 
 
 def test_outputs_of_an_earlier_run_in_the_same_directories_are_not_reported(tmp_path):
