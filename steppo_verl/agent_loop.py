@@ -57,7 +57,6 @@ for any other estimator.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import time
@@ -72,7 +71,7 @@ from steppo_verl.branch_loop import BranchingLoop
 from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.safe_text import prompt_safe
 from steppo_verl.state_keys import state_key
-from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, finish_episode, start_episode
+from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, start_episode
 
 __all__ = ["AGENT_LOOPS", "Ending", "StepAgentLoop", "StepAgentLoopOutput", "state_key"]
 
@@ -152,11 +151,6 @@ class StepAgentLoop(BranchingLoop, ToolAgentLoop):
             else self.tool_schemas
         )
 
-    def _finish(self, trajectory: _Trajectory, ending: Ending) -> StepAgentLoopOutput:
-        return finish_episode(
-            trajectory.agent_data, trajectory.steps, ending, self.endings, self.tokenizer, self.response_length
-        )
-
     async def _search_the_question(self, agent_data: AgentData, extra_info: dict[str, Any]) -> None:
         """The StepPO paper's forced first search: the question's results become part of the prompt (s_0).
 
@@ -205,13 +199,10 @@ class StepAgentLoop(BranchingLoop, ToolAgentLoop):
         Tools are shared, not copied. A tool that keeps per-trajectory state outside ``AgentData`` (keyed
         by it) copies that state in an ``on_branch(parent_agent_data, child_agent_data)`` method.
         """
-        memo = {id(tool): tool for tool in self.tools.values()}
-        agent_data = copy.deepcopy(parent.agent_data, memo)
-        agent_data.request_id = self._make_request_id(priority, self.rollout_config.full_determinism)
+        agent_data, steps = self._copy_context(parent, priority, memo={id(tool): tool for tool in self.tools.values()})
         for tool in self.tools.values():
             if hasattr(tool, "on_branch"):
                 tool.on_branch(parent.agent_data, agent_data)
-        steps = [dataclasses.replace(step) for step in parent.steps]
         return _Trajectory(agent_data, steps, parent.key, {}, parent.deadline)
 
     async def _classify_stop(self, agent_data: AgentData) -> Ending | None:

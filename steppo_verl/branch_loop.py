@@ -6,10 +6,12 @@ the trajectory hooks
 
 - ``_start_trajectory(sampling_params, priority, kwargs)``: a new trajectory at the prompt (s_0);
 - ``_step(trajectory, sampling_params)``: one model step and what it leads to; the episode's ending, or None;
-- ``_branch(parent, priority)``: a copy of ``parent`` that continues on its own (async);
-- ``_finish(trajectory, ending)``: its output row;
+- ``_branch(parent, priority)``: a copy of ``parent`` that continues on its own (async;
+  :meth:`BranchingLoop._copy_context` copies what every trajectory has);
 - ``_release(trajectory)``: give back what it holds (an environment); called once per trajectory started,
   however the sample ends.
+
+:meth:`BranchingLoop._finish` turns a trajectory into its output row (a loop may add to the row).
 
 A trajectory is any object with ``agent_data`` (verl's), ``steps`` (the step record) and ``top_logprobs``
 (``[T][k]``, the top-k log-probs of the segment generated last; set by :meth:`BranchingLoop._take_top_logprobs`).
@@ -22,6 +24,8 @@ With a ``branching`` block the loop asks the rollout server for top-k log-probs 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import random
 from typing import Any
@@ -38,7 +42,7 @@ from steppo_verl.branching import (
     segment_entropy,
 )
 from steppo_verl.endings import Ending
-from steppo_verl.step_record import StepAgentLoopOutput
+from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, finish_episode
 
 __all__ = ["BranchingLoop", "branch_seed", "top_logprob_matrix"]
 
@@ -95,6 +99,21 @@ class BranchingLoop:
 
     async def _release(self, trajectory: Any) -> None:
         """Nothing to give back by default."""
+
+    def _finish(self, trajectory: Any, ending: Ending) -> StepAgentLoopOutput:
+        """The trajectory's output row: its step fields and the ending's bootstrap (the loop's endings policy)."""
+        return finish_episode(
+            trajectory.agent_data, trajectory.steps, ending, self.endings, self.tokenizer, self.response_length
+        )
+
+    def _copy_context(
+        self, parent: Any, priority: int, memo: dict[int, Any] | None = None
+    ) -> tuple[Any, list[StepRecord]]:
+        """A branch's own copy of ``parent``'s context (verl's ``AgentData``, with a new request id) and step
+        record; ``memo`` names objects to share instead of copying (``copy.deepcopy``'s)."""
+        agent_data = copy.deepcopy(parent.agent_data, memo)
+        agent_data.request_id = self._make_request_id(priority, self.rollout_config.full_determinism)
+        return agent_data, [dataclasses.replace(step) for step in parent.steps]
 
     def _take_top_logprobs(self, trajectory: Any) -> None:
         """After a generation: keep the top-k log-probs the server returned for it (branching only)."""

@@ -54,7 +54,6 @@ episode is not determined by its task and actions.
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -70,7 +69,7 @@ from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.envs import Environment, InvalidAction, StepResult, check_action_tag, invalid_action_text, make_env
 from steppo_verl.envs import parse_action
 from steppo_verl.safe_text import prompt_safe
-from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, finish_episode, start_episode
+from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, start_episode
 
 __all__ = ["AGENT_LOOPS", "ENV_AGENT", "EnvAgentLoop", "EnvironmentFailure"]
 
@@ -146,17 +145,15 @@ class EnvAgentLoop(BranchingLoop, ToolAgentLoop):
             agent_data.messages.append(self._observation_message(first.observation))
             await self._handle_pending_state(agent_data, sampling_params)
         except BaseException:
-            await asyncio.to_thread(env.close)
+            await _close(env)
             raise
         return _EnvTrajectory(agent_data, [], env, spec, task, first, [])
 
     async def _release(self, trajectory: _EnvTrajectory) -> None:
-        await asyncio.to_thread(trajectory.env.close)
+        await _close(trajectory.env)
 
     def _finish(self, trajectory: _EnvTrajectory, ending: Ending) -> StepAgentLoopOutput:
-        output = finish_episode(
-            trajectory.agent_data, trajectory.steps, ending, self.endings, self.tokenizer, self.response_length
-        )
+        output = super()._finish(trajectory, ending)
         output.extra_fields["env_info"] = trajectory.state.info
         return output
 
@@ -203,8 +200,7 @@ class EnvAgentLoop(BranchingLoop, ToolAgentLoop):
             EnvironmentFailure: the replay ended in another state than the parent's, so the environment's episode
                 is not a function of its task and actions, and a branch could not continue it.
         """
-        agent_data = copy.deepcopy(parent.agent_data)
-        agent_data.request_id = self._make_request_id(priority, self.rollout_config.full_determinism)
+        agent_data, steps = self._copy_context(parent, priority)
         env = make_env(parent.spec)
         try:
             state = await self._call_env(env, "reset", parent.task, agent_data.metrics)
@@ -217,9 +213,8 @@ class EnvAgentLoop(BranchingLoop, ToolAgentLoop):
                     "branching rollouts need an environment whose episode is determined by its task and actions"
                 )
         except BaseException:
-            await asyncio.to_thread(env.close)
+            await _close(env)
             raise
-        steps = [dataclasses.replace(step) for step in parent.steps]
         return _EnvTrajectory(agent_data, steps, env, parent.spec, parent.task, parent.state, list(parent.actions))
 
     def _assistant_text(self, agent_data: AgentData, messages_before: int) -> str:
@@ -302,3 +297,8 @@ def _plain(mapping: Any, what: str) -> dict[str, Any]:
     if not isinstance(mapping, Mapping):
         raise TypeError(f"{what} must be a mapping, got {type(mapping).__name__}: {mapping!r}")
     return dict(mapping)
+
+
+async def _close(env: Environment) -> None:
+    """Close an environment off the event loop (closing TextWorld's stops its interpreter process)."""
+    await asyncio.to_thread(env.close)

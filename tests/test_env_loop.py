@@ -211,10 +211,10 @@ def test_each_assistant_turn_is_decoded_once_while_the_episode_runs(tokenizer, m
     """verl's turn parser decodes the turn for its assistant message and the loop reads that message; a
     turn verl records no message for (cut by the budget) is decoded by the loop. (The transcript decodes
     each step once more when the episode ends: decodes from then on are not counted.)"""
-    import steppo_verl.env_loop as env_loop
+    import steppo_verl.branch_loop as branch_loop
 
     decoded, counting = [], []
-    decode, finish = tokenizer.decode, env_loop.finish_episode
+    decode, finish = tokenizer.decode, branch_loop.finish_episode
 
     def counted_decode(ids, *args, **kwargs):
         if counting:
@@ -226,7 +226,7 @@ def test_each_assistant_turn_is_decoded_once_while_the_episode_runs(tokenizer, m
         return finish(*args, **kwargs)
 
     monkeypatch.setattr(tokenizer, "decode", counted_decode)
-    monkeypatch.setattr(env_loop, "finish_episode", finish_uncounted)
+    monkeypatch.setattr(branch_loop, "finish_episode", finish_uncounted)
 
     def decodes_per_turn(turns, **kwargs):
         decoded.clear()
