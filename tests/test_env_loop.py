@@ -253,6 +253,20 @@ def test_turn_without_an_action_is_answered_and_leaves_the_state(tokenizer):
     assert output.extra_fields["ending"] == Ending.ENV_DONE.value
 
 
+def test_action_that_is_not_one_line_of_text_never_reaches_the_env(tokenizer):
+    # The tiny tokenizer has a byte token that decodes to NUL, which crashes TextWorld's interpreter.
+    _, output = run(tokenizer, [act("right\x00"), act("take key\nright"), *map(act, WIN)], response_length=2000)
+    observations = output.extra_fields[OBSERVATION_TEXTS]
+    assert "invalid action: the action must be one line of text without control characters; it has U+0000" in (
+        observations[0]
+    )
+    assert "it has U+000A at character 8" in observations[1]
+    assert RecordingCorridor.instances[0].actions == WIN, "the environment saw only the four valid actions"
+    starts, _ = step_layout(output)
+    assert len({output.step_keys[s] for s in starts[:3]}) == 1, "the state did not change"
+    assert output.extra_fields["env_info"]["won"]
+
+
 def test_command_the_env_does_not_know_is_its_invalid_action(tokenizer):
     _, output = run(tokenizer, [act("fly"), act("left")])
     assert "invalid action: 'fly'; valid actions" in output.extra_fields[OBSERVATION_TEXTS][0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from steppo_verl.envs import (
@@ -147,6 +149,30 @@ def test_action_as_the_whole_turn_without_a_tag():
 def test_turn_without_a_usable_action_is_invalid(text, action_tag, reason):
     with pytest.raises(InvalidAction, match=reason):
         parse_action(text, action_tag)
+
+
+@pytest.mark.parametrize(
+    "action, code, position",
+    [
+        ("take\x00coin", "U+0000", 4),  # a NUL crashes TextWorld's interpreter, and the worker process with it
+        ("go west\ngo east", "U+000A", 7),  # the interpreter would run "go east" as the next command
+        ("take \x1b[2J coin", "U+001B", 5),
+        ("take\x7fcoin", "U+007F", 4),
+        ("take\x85coin", "U+0085", 4),
+        ("take \ud800 coin", "U+D800", 5),  # not encodable as UTF-8
+    ],
+)
+@pytest.mark.parametrize("action_tag", ["action", None])
+def test_an_action_that_is_not_one_line_of_text_is_invalid(action, code, position, action_tag):
+    text = action_text(action) if action_tag else action
+    expected = f"one line of text without control characters; it has {code} at character {position}"
+    with pytest.raises(InvalidAction, match=re.escape(expected) + "$"):
+        parse_action(text, action_tag)
+
+
+def test_tabs_and_any_printable_text_are_sendable():
+    for action in ["take\tcoin", "take cöin ☃ 日本", "go " + "north " * 400 + "now", "<tool_call>x</tool_call>"]:
+        assert parse_action(action_text(action)) == action
 
 
 @pytest.mark.parametrize("action_tag", ["", "<action>", "an action", 3])

@@ -308,3 +308,15 @@ def test_walkthrough_wins_through_the_env_loop_with_a_scripted_server(tokenizer,
     assert "Valid commands:" in tokenizer.decode(output.prompt_ids), "the first observation is the first user turn"
     verdict = compute_score("textworld/tw-coin_collector", "", "won", {"env_info": info})
     assert verdict == {"score": 0.0, "acc": 1.0, "lost": 0.0}, "the win is reported, not scored twice"
+
+
+def test_a_nul_in_the_models_command_does_not_reach_the_game(tokenizer, rows):  # noqa: F811
+    # Jericho's frotz crashes the process on a NUL in a command ("take\x00coin" through env.step: SIGSEGV); the
+    # tiny policy decoded one from a byte token and took down an agent-loop worker (the trainer then waited forever).
+    spec, task, walkthrough = game(rows)
+    turns = [act("take\x00coin"), act(f"{walkthrough[0]}\n{walkthrough[1]}"), *map(act, walkthrough)]
+    _, output = run(tokenizer, turns, env=spec, task=task, response_length=3000)
+    assert output.extra_fields["ending"] == Ending.ENV_DONE.value and output.extra_fields["env_info"]["won"]
+    assert sum(output.env_rewards) == 1.0
+    starts, _ = step_layout(output)
+    assert len(starts) == 4 and len({output.step_keys[s] for s in starts[:3]}) == 1, "two turns changed nothing"

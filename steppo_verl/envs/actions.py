@@ -3,7 +3,10 @@
 With an action tag (default ``action``) the action is the text inside the turn's last
 ``<action>...</action>``, so the model may reason before it acts; without one (``action_tag: null``) it is
 the whole turn, stripped. A turn with no action is not sent to the environment: the loop answers it with
-:func:`invalid_action_text` and the state stays where it was.
+:func:`invalid_action_text` and the state stays where it was. So is an action that is not one line of text: a
+control character (a byte token such as NUL decodes to one) or a line break inside it, or an unpaired surrogate.
+Why: the text goes to programs that read it as a command line. TextWorld's interpreter (Jericho's frotz) crashes
+the whole process on a NUL, and would run the part after a line break as the next command.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from __future__ import annotations
 import re
 
 __all__ = ["InvalidAction", "action_text", "check_action_tag", "invalid_action_text", "parse_action"]
+
+
+# C0 controls but the tab (line breaks included), DEL, C1 controls, and surrogates (not encodable as UTF-8).
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class InvalidAction(ValueError):
@@ -43,6 +50,12 @@ def parse_action(text: str, action_tag: str | None = "action") -> str:
         action = tagged[-1].strip()
     if not action:
         raise InvalidAction("the action is empty")
+    unsendable = _UNSENDABLE.search(action)
+    if unsendable:
+        raise InvalidAction(
+            f"the action must be one line of text without control characters; it has U+{ord(unsendable.group()):04X} "
+            f"at character {unsendable.start()}"
+        )
     return action
 
 
