@@ -21,11 +21,13 @@ import contextlib
 import functools
 import importlib
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -62,6 +64,8 @@ from steppo_verl.protocol import (
 
 __all__ = [
     "STEP_FIELDS",
+    "RolloutWorkerDied",
+    "RolloutWorkerWatch",
     "align_step_fields",
     "StepPOTrainer",
     "bootstrap_values",
@@ -70,6 +74,7 @@ __all__ = [
     "padded_step_fields",
     "validate_steppo_config",
     "value_loss_positions",
+    "watch_rollout_workers",
 ]
 
 # Per-trajectory fields the step-aware agent loop writes to TransferQueue. Token fields map to the
@@ -529,6 +534,67 @@ def install_compute_advantage_hook() -> None:
     v1_utils.compute_advantage = compute_advantage
 
 
+# ----------------------------------------------------------------------------- rollout workers
+
+
+class RolloutWorkerDied(RuntimeError):
+    """An agent-loop worker died while the trainer waited for its rollouts."""
+
+
+class RolloutWorkerWatch:
+    """Turns an agent-loop worker's death into an error in the trainer, which otherwise waits forever.
+
+    verl's sync trainer hands prompts to its agent-loop workers (Ray actors) and polls TransferQueue until their
+    rollouts finish (``ReplayBuffer.sample``). A worker process that dies (an environment's native code crashing
+    it: a NUL sent to TextWorld's interpreter did) leaves its prompts "running" for good, and verl 0.9.1's poll
+    has no timeout or liveness check. :meth:`check` runs at each poll: it never blocks, it pings every worker once
+    per ``every_s`` seconds and raises :class:`RolloutWorkerDied` when a ping comes back with the actor's death.
+    A worker too busy to answer within ``every_s`` is not taken for dead; its ping is read at a later poll.
+    """
+
+    def __init__(self, workers: Callable[[], list], every_s: float = 5.0):
+        self._workers = workers  # the agent-loop manager's actor handles, read when first needed
+        self._every_s = every_s
+        self._pings: dict[Any, int] = {}  # outstanding ping -> worker index
+        self._last_ping = float("-inf")
+
+    def check(self) -> None:
+        if self._pings:
+            ready, _ = ray.wait(list(self._pings), num_returns=len(self._pings), timeout=0)
+            for ping in ready:
+                index = self._pings.pop(ping)
+                try:
+                    ray.get(ping)
+                except ray.exceptions.ActorDiedError as error:
+                    raise RolloutWorkerDied(
+                        f"agent-loop worker {index} died while the trainer waited for its rollouts; its prompts can "
+                        f"never finish, so the run stops here instead of waiting forever. Ray's account: {error}"
+                    ) from error
+                except ray.exceptions.ActorUnavailableError:
+                    pass  # unreachable for now (restarting, a network blip): asked again at the next ping
+        now = time.monotonic()
+        if not self._pings and now - self._last_ping >= self._every_s:
+            self._pings = {worker.__ray_ready__.remote(): index for index, worker in enumerate(self._workers())}
+            self._last_ping = now
+
+
+def watch_rollout_workers(buffer: Any, watch: RolloutWorkerWatch) -> None:
+    """Run ``watch.check()`` after each of ``buffer``'s waits between polls.
+
+    Wraps verl's ``ReplayBuffer._wait_for_next_poll`` on this one instance: both of verl 0.9.1's sample loops (sync
+    and async buffers) sleep there between polls, and no hook or config key reaches that loop.
+    """
+    wait = buffer._wait_for_next_poll
+
+    @functools.wraps(wait)
+    def wait_then_check(*args, **kwargs):
+        result = wait(*args, **kwargs)
+        watch.check()
+        return result
+
+    buffer._wait_for_next_poll = wait_then_check
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -551,7 +617,8 @@ class StepPOTrainer(PPOTrainerSync):
         pass
 
     def _build_replay_buffer(self):
-        """verl's replay buffer, polling TransferQueue every ``trainer.steppo_replay_poll_s`` seconds.
+        """verl's replay buffer, polling TransferQueue every ``trainer.steppo_replay_poll_s`` seconds and failing
+        the run when an agent-loop worker dies (:class:`RolloutWorkerWatch`).
 
         verl's buffer waits for finished rollouts by sleeping a fixed 2 s between polls (a constructor
         default no config key reaches). A CPU run's rollouts take less than that, so each step waited for
@@ -563,6 +630,7 @@ class StepPOTrainer(PPOTrainerSync):
             if not 0 < float(poll_s) <= 60:
                 raise ValueError(f"trainer.steppo_replay_poll_s must lie in (0, 60] seconds, got {poll_s}")
             buffer.poll_interval = float(poll_s)
+        watch_rollout_workers(buffer, RolloutWorkerWatch(lambda: self.agent_loop_manager.agent_loop_workers))
         return buffer
 
     @contextlib.contextmanager

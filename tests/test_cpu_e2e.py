@@ -107,7 +107,7 @@ def run_main_ppo(tmp: Path, extra: list[str]) -> RunResult:
     return run_in_session([sys.executable, "-m", "verl.trainer.main_ppo", *cpu_overrides(tmp), *extra], tmp)
 
 
-def run_in_session(cmd: list[str], tmp: Path, **env_vars: str) -> RunResult:
+def run_in_session(cmd: list[str], tmp: Path, timeout_s: float = RUN_TIMEOUT_S, **env_vars: str) -> RunResult:
     """Run a training command in its own session (killed afterwards, whatever happened), logged under ``tmp``."""
     env = {
         **os.environ,
@@ -117,7 +117,7 @@ def run_in_session(cmd: list[str], tmp: Path, **env_vars: str) -> RunResult:
         **env_vars,
     }
     log = tmp / f"run_{len(list(tmp.glob('run_*.log')))}.log"
-    return runs.run_in_session(cmd, log, RUN_TIMEOUT_S, cwd=tmp, env=env)
+    return runs.run_in_session(cmd, log, timeout_s, cwd=tmp, env=env)
 
 
 def assert_two_finite_steps(result: RunResult, *required: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 from importlib.resources import files
 from pathlib import Path
 
@@ -31,14 +32,14 @@ ENV = {"name": "corridor", "max_steps": 2}
 ENV_LOOP_YAML = files("steppo_verl") / "config" / "env_agent_loop.yaml"
 
 
-def corridor_rows(split: str) -> list[dict]:
+def corridor_rows(split: str, env: dict = ENV) -> list[dict]:
     return [
         {
             "data_source": "corridor",
             "prompt": [{"role": "system", "content": SYSTEM}],  # the reset observation is the first user turn
             "ability": "text_game",
             "reward_model": {"style": "rule", "ground_truth": "won"},
-            "extra_info": {"index": index, "split": split, "env": ENV, "env_task": task},
+            "extra_info": {"index": index, "split": split, "env": env, "env_task": task},
             "agent_name": "steppo_env_agent",
         }
         for index, task in enumerate(TASKS)
@@ -126,3 +127,32 @@ def test_corridor_env_loop_trains_two_arpo_steps_on_branching_rollouts_on_cpu(wo
         rows = metrics["perf/total_num_tokens"] / (metrics["prompt_length/mean"] + metrics["response_length/mean"])
         assert round(rows, 6) == len(TASKS) * BRANCHING["total_rollouts"], step
         assert 1 <= metrics["steppo/num_steps/min"] and metrics["steppo/num_steps/max"] <= 3, step
+
+
+CRASHING_ENV = textwrap.dedent("""
+    import ctypes
+
+    from steppo_verl.envs import CorridorEnv
+
+
+    class CrashingCorridor(CorridorEnv):
+        def reset(self, task):
+            ctypes.string_at(0)  # a segfault in native code, as a NUL sent to TextWorld's interpreter caused
+""")
+
+
+@pytest.mark.timeout(360)
+def test_an_environment_that_kills_its_agent_loop_worker_fails_the_run_instead_of_hanging_it(workdir, tmp_path):
+    """verl 0.9.1's trainer waits for the dead worker's rollouts forever; the StepPO trainer's watch ends the run."""
+    (tmp_path / "crashing_env.py").write_text(CRASHING_ENV)
+    env = {"class": "crashing_env.CrashingCorridor", "max_steps": 2}
+    pd.DataFrame(corridor_rows("train", env)).to_parquet(tmp_path / "train.parquet")
+    mine = {"data.train_files": f"{tmp_path}/train.parquet", "trainer.default_local_dir": f"{tmp_path}/checkpoints",
+            "hydra.run.dir": f"{tmp_path}/hydra"}
+    cmd = [arg for arg in env_run_command(workdir) if arg.partition("=")[0] not in mine]
+    cmd += [f"{key}={value}" for key, value in mine.items()]
+    result = run_in_session(cmd, tmp_path, timeout_s=300)
+    assert result.returncode != 0, result.log[-3000:]
+    assert "RolloutWorkerDied: agent-loop worker" in result.log, result.log[-5000:]
+    assert "SIGSEGV" in result.log or "died unexpectedly" in result.log, result.log[-5000:]
+    assert not result.metrics, "no step trained"
