@@ -89,7 +89,10 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # GRPO's advantages with the step loss: separates the step loss from the estimator the other way round
     "grpo+step_loss": ("grpo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo",)),
     "steppo+step_mean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_step_mean",)),
+    # the CPU tasks' default loss since 2026-12-04 (tiny_policy.yaml); named for the tables that compared it
     "steppo+action_clip": ("steppo", ACTION_CLIP_LOSS),
+    # the clip range on each step's geometric-mean ratio: the CPU tasks' `steppo` before 2026-12-04
+    "steppo+geomean_loss": ("steppo", ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo",)),
     "grpo+action_clip_loss": ("grpo", ACTION_CLIP_LOSS),
     "steppo+clip0.2": ("steppo", ("actor_rollout_ref.actor.clip_ratio_low=0.2",
                                   "actor_rollout_ref.actor.clip_ratio_high=0.2")),
@@ -267,7 +270,8 @@ def main() -> None:
         return
     if args.from_json:
         earlier = json.loads(args.from_json.read_text())
-        report(earlier["runs"], earlier["threshold"], earlier["steps"], args.from_json, "Vault task on CPU")
+        report(earlier["runs"], earlier["threshold"], earlier["steps"], args.from_json,
+               earlier.get("title", "vault on CPU"))  # files written before the title was kept are the vault's
         return
 
     runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
@@ -287,7 +291,8 @@ def main() -> None:
 def report(runs: dict[str, list[dict]], threshold: float, steps: int, out: Path, title: str) -> None:
     """Write the summary into ``out`` (JSON), its table (``.md``) and the curves (``.png``)."""
     rows = summarise(runs, threshold)
-    out.write_text(json.dumps({"steps": steps, "threshold": threshold, "runs": runs, "summary": rows}, indent=1))
+    out.write_text(json.dumps({"title": title, "steps": steps, "threshold": threshold, "runs": runs, "summary": rows},
+                              indent=1))
     out.with_suffix(".md").write_text(table(rows, threshold, steps))
     plot(rows, out.with_suffix(".png"), f"{title}; mean and 95% bootstrap interval over runs")
     print(table(rows, threshold, steps))

@@ -50,3 +50,18 @@ def test_a_task_without_a_branching_agent_loop_refuses_a_branching_arm(tmp_path)
     task = bench.TASKS["vault"]._replace(agent_loops=None)
     with pytest.raises(ValueError, match="no step agent loop to branch"):
         bench.arm_overrides(bench.ARMS["arpo"], task, tmp_path)
+
+
+def test_a_summary_rebuilt_from_its_json_keeps_the_runs_title_and_table(tmp_path, monkeypatch):
+    plots = []
+    monkeypatch.setattr(bench, "plot", lambda rows, path, title: plots.append(title))
+    runs = {"grpo": [{"seed": seed, "world": 1, "success": [0.1, 0.4, 0.6], "critic_error": [None] * 3}
+                     for seed in (0, 1)]}
+    out = tmp_path / "textworld.json"
+    bench.report(runs, 0.5, 3, out, "textworld on CPU: seeds [0, 1], worlds [1]")
+    first = out.with_suffix(".md").read_text()
+    assert "| `grpo` | 2 | 0.10 | 0.60 [0.60, 0.60] | 0.367 [0.367, 0.367] | 3 (3, 3) | - |" in first
+    monkeypatch.setattr("sys.argv", ["bench_learning.py", "--from-json", str(out)])
+    bench.main()
+    assert plots == ["textworld on CPU: seeds [0, 1], worlds [1]; mean and 95% bootstrap interval over runs"] * 2
+    assert out.with_suffix(".md").read_text() == first

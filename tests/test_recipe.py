@@ -219,7 +219,7 @@ def test_quiet_logs_keeps_verls_engine_warnings_out_and_the_users_own_filters():
 
 VAULT_ESTIMATORS = {
     "steppo": {"algorithm.adv_estimator": "steppo", "critic.enable": True,
-               "actor_rollout_ref.actor.policy_loss.loss_mode": "steppo"},
+               "actor_rollout_ref.actor.policy_loss.loss_mode": "steppo_action_clip"},
     "grpo": {"algorithm.adv_estimator": "grpo", "critic.enable": False,
              "actor_rollout_ref.actor.policy_loss.loss_mode": "vanilla"},
     "gae": {"algorithm.adv_estimator": "gae", "critic.enable": True,
