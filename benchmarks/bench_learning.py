@@ -76,6 +76,9 @@ TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_ro
 STATE_VALUES_LAM0 = ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")
 # the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
 ACTION_CLIP_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)
+# 64 prompts x 1 rollout instead of tiny_policy.yaml's 8 x 8; verl counts mini-batches in prompts, so 32 keeps 2 updates
+ONE_ROLLOUT_PER_PROMPT = ("data.train_batch_size=64", "actor_rollout_ref.rollout.n=1",
+                          "actor_rollout_ref.actor.ppo_mini_batch_size=32", "critic.ppo_mini_batch_size=32")
 
 # name -> (ESTIMATOR of run_cpu_vault.sh, extra hydra overrides[, branching]). One change per ablation, against
 # `steppo`.
@@ -101,6 +104,8 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+critic_epochs4": ("steppo", ("critic.ppo_epochs=4",)),
     # the vault task's critic lr is 3e-3; offline, 1e-3 fit the state values better in 20 updates (README, "The critic")
     "steppo+critic_lr1e-3": ("steppo", ("critic.optim.lr=1e-3",)),
+    # on TextWorld the critic's values at step starts stayed within 0.005 of each other (explained variance 0.00)
+    "steppo+critic_lr1e-2": ("steppo", ("critic.optim.lr=1e-2",)),
     "steppo+lam0.9": ("steppo", ("algorithm.lam=0.9",)),
     "steppo+lam0.5": ("steppo", ("algorithm.lam=0.5",)),
     "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
@@ -126,6 +131,9 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+action_clip+uncentred": ("steppo", (*ACTION_CLIP_LOSS, "algorithm.steppo.center=false")),
     "steppo+vanilla_loss+uncentred": ("steppo", (*TOKEN_LOSS, "algorithm.steppo.center=false")),
     "steppo+state_values+lam0+uncentred": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.center=false")),
+    # the StepPO paper's batch shape: 64 prompts x 1 rollout (the same 64 rows and two updates per step; StepPO needs
+    # no prompt groups). Only meaningful on a task with >= 64 distinct prompts, e.g. TextWorld with GAMES=64
+    "steppo+1x64": ("steppo", ONE_ROLLOUT_PER_PROMPT),
     "hgpo": ("hgpo", ()),
     # branching rollouts (ARPO's entropy rule), 8 rows per prompt as above; ESTIMATOR=grpo: no critic, token loss
     "arpo": ("grpo", ("algorithm.adv_estimator=arpo",), BRANCHING),
@@ -237,7 +245,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.plot(steps, row["mean_curve"], label=f"{row['arm']} ({row['runs']} runs)")
         ax.fill_between(steps, [lo for lo, _ in row["curve_interval"]], [hi for _, hi in row["curve_interval"]],
                         alpha=0.15)
-    ax.set_xlabel("training step (8 prompts x 8 rollouts)")
+    ax.set_xlabel("training step (64 rollouts per step)")
     ax.set_ylabel("success of the step's rollouts")
     ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 1)

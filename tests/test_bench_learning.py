@@ -65,3 +65,17 @@ def test_a_summary_rebuilt_from_its_json_keeps_the_runs_title_and_table(tmp_path
     bench.main()
     assert plots == ["textworld on CPU: seeds [0, 1], worlds [1]; mean and 95% bootstrap interval over runs"] * 2
     assert out.with_suffix(".md").read_text() == first
+
+
+def test_the_one_rollout_arm_keeps_the_rows_and_updates_per_step_of_the_default_batch():
+    tiny_policy = OmegaConf.load(BENCHMARKS.parent / "steppo_verl" / "config" / "task" / "tiny_policy.yaml")
+    one_rollout = OmegaConf.merge(tiny_policy, OmegaConf.from_dotlist(list(bench.ARMS["steppo+1x64"].overrides)))
+
+    def shape(config):  # verl counts mini-batches in prompts and multiplies them by rollout.n
+        rows = config.data.train_batch_size * config.actor_rollout_ref.rollout.n
+        updates = config.data.train_batch_size // config.actor_rollout_ref.actor.ppo_mini_batch_size
+        critic_updates = config.data.train_batch_size // config.critic.ppo_mini_batch_size
+        return rows, updates, critic_updates, config.actor_rollout_ref.rollout.n
+
+    assert shape(tiny_policy) == (64, 2, 2, 8)
+    assert shape(one_rollout) == (64, 2, 2, 1)

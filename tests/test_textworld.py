@@ -320,3 +320,18 @@ def test_a_nul_in_the_models_command_does_not_reach_the_game(tokenizer, rows):  
     assert sum(output.env_rewards) == 1.0
     starts, _ = step_layout(output)
     assert len(starts) == 4 and len({output.step_keys[s] for s in starts[:3]}) == 1, "two turns changed nothing"
+
+
+def test_the_step_start_probe_renders_each_walkthrough_state_as_the_env_loop_does(task_dir, rows):
+    from bench_modules import load_benchmark
+
+    probe = load_benchmark("probe_step_starts")
+    walkthrough = game(rows)[2]
+    conversations, depths = probe.walkthrough_states(str(task_dir / "train.parquet"), max_depth=10)
+
+    assert depths == list(range(len(walkthrough)))  # every state with a command still to give, in order
+    for depth, conversation in zip(depths, conversations):
+        assert conversation[0]["role"] == "system" and conversation[-1]["role"] == "user"
+        actions = [message["content"] for message in conversation if message["role"] == "assistant"]
+        assert actions == [f"<action>{command}</action>" for command in walkthrough[:depth]]
+    assert probe.walkthrough_states(str(task_dir / "train.parquet"), max_depth=0)[1] == [0]
