@@ -76,6 +76,7 @@ def walkthrough_states(games: str, max_depth: int) -> tuple[list[list[dict[str, 
     """The conversations of every game's walkthrough states up to ``max_depth`` commands, and their depths."""
     import pandas as pd
 
+    from steppo_verl.envs.actions import action_text
     from steppo_verl.tasks.textworld.env import TextWorldEnv
 
     conversations, depths = [], []
@@ -87,7 +88,7 @@ def walkthrough_states(games: str, max_depth: int) -> tuple[list[list[dict[str, 
             commands = list(row["extra_info"]["walkthrough"])
             for depth in range(min(max_depth, len(commands) - 1) + 1):  # states with a command still to give
                 if depth:
-                    chat.append({"role": "assistant", "content": f"<action>{commands[depth - 1]}</action>"})
+                    chat.append({"role": "assistant", "content": action_text(commands[depth - 1])})
                     chat.append({"role": "user", "content": env.step(commands[depth - 1]).observation})
                 conversations.append(list(chat))
                 depths.append(depth)
