@@ -68,6 +68,7 @@ class Arm(NamedTuple):
 # of the other arms: 4 whole rollouts, branches up to 8.
 BRANCHING = {"initial_rollouts": 4, "total_rollouts": 8, "beam": 2}
 CRITIC_ERROR = "steppo/critic/state_abs_error"
+CRITIC_ERROR_FLOOR = "steppo/critic/state_abs_error_floor"  # what a critic knowing the true values would show
 # verl's token loss at the token clip, as the recipes' baselines run it (recipe/steppo/common.sh: TOKEN_LOSS)
 TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_rollout_ref.actor.clip_ratio_low=0.2",
               "actor_rollout_ref.actor.clip_ratio_high=0.2")
@@ -76,6 +77,10 @@ TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_ro
 STATE_VALUES_LAM0 = ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")
 # the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
 ACTION_CLIP_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)
+# V(s_k) read at the observation's last token, before the template's fixed tokens (TextWorld's tiny tokenizers:
+# <|im_end|>\n<|im_start|>assistant\n, 5), counted by the trainer: at the step start the tiny policy's hidden state
+# barely differs between rooms (README, "TextWorld: what the critic can see at a step start")
+OBSERVATION_VALUE = ("algorithm.steppo.value_offset=auto",)
 # 64 prompts x 1 rollout instead of tiny_policy.yaml's 8 x 8; verl counts mini-batches in prompts, so 32 keeps 2 updates
 ONE_ROLLOUT_PER_PROMPT = ("data.train_batch_size=64", "actor_rollout_ref.rollout.n=1",
                           "actor_rollout_ref.actor.ppo_mini_batch_size=32", "critic.ppo_mini_batch_size=32")
@@ -111,6 +116,8 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
     # bootstrapping pays only with a critic that keeps up with the policy (bench_credit.py): more critic epochs
     "steppo+critic_epochs4+lam0.5": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5")),
+    "steppo+obs_value": ("steppo", OBSERVATION_VALUE),
+    "steppo+obs_value+lam0.5": ("steppo", (*OBSERVATION_VALUE, "algorithm.lam=0.5")),
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
     "steppo+state_values+lam0": ("steppo", STATE_VALUES_LAM0),
@@ -170,6 +177,7 @@ def run_one(arm: str, seed: int, world: int, steps: int, work_dir: Path, timeout
                            f"see {run_dir / 'train.log'}")
     curve = {"success": [metrics[s][task.success] for s in sorted(metrics)],
              "critic_error": [metrics[s].get(CRITIC_ERROR) for s in sorted(metrics)],
+             "critic_error_floor": [metrics[s].get(CRITIC_ERROR_FLOOR) for s in sorted(metrics)],
              "wall_s": result.wall_s}
     print(f"{arm} seed {seed} world {world}: {result.wall_s:.0f} s, success "
           + " ".join(f"{x:.2f}" for x in curve["success"]), flush=True)
@@ -201,6 +209,9 @@ def summarise(runs: dict[str, list[dict]], threshold: float, seed: int = 0) -> l
         auc = [statistics.fmean(curve) for curve in curves]
         reached = [steps_to(curve, threshold) for curve in curves]
         errors = [run["critic_error"][-1] for run in arm_runs if run["critic_error"][-1] is not None]
+        # runs recorded before the floor was (2026-12-04) have none
+        floors = [run["critic_error_floor"][-1] for run in arm_runs if (run.get("critic_error_floor") or [None])[-1]
+                  is not None]
         rows.append({
             "arm": arm,
             "runs": len(arm_runs),
@@ -213,6 +224,7 @@ def summarise(runs: dict[str, list[dict]], threshold: float, seed: int = 0) -> l
             "final": statistics.fmean(curve[-1] for curve in curves),
             "final_interval": bootstrap_interval([curve[-1] for curve in curves], rng),
             "critic_error_last": statistics.fmean(errors) if errors else None,
+            "critic_error_floor_last": statistics.fmean(floors) if floors else None,
         })
     return rows
 
@@ -220,11 +232,13 @@ def summarise(runs: dict[str, list[dict]], threshold: float, seed: int = 0) -> l
 def table(rows: list[dict], threshold: float, steps: int) -> str:
     lines = [f"| arm | runs | step 1 | final (step {steps}) [95% CI] | mean success over steps (AUC) [95% CI] | "
              f"steps to {threshold:.0%}: median (per run; {steps + 1} = not reached) | critic abs. error at "
-             "repeated states, last step |",
+             "repeated states, last step (floor) |",
              "|---|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         reached = ", ".join(str(step) for step in row["steps_to_threshold"])
         error = "-" if row["critic_error_last"] is None else f"{row['critic_error_last']:.2f}"
+        if row.get("critic_error_floor_last") is not None:
+            error += f" ({row['critic_error_floor_last']:.2f})"
         lines.append(
             f"| `{row['arm']}` | {row['runs']} | {row['mean_curve'][0]:.2f} | {row['final']:.2f} "
             f"[{row['final_interval'][0]:.2f}, {row['final_interval'][1]:.2f}] | {row['auc']:.3f} "

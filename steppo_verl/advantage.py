@@ -603,6 +603,17 @@ def value_source(algorithm: Any) -> str:
     return source
 
 
+def value_offset(algorithm: Any) -> int | str:
+    """``algorithm.steppo.value_offset``: tokens before each step start (and the bootstrap position) where V(s_k) is
+    read (:func:`steppo_verl.protocol.state_value_positions`); 0, the step start itself, by default. ``auto``: the
+    chat template's fixed tokens after an observation, which the StepPO trainer counts with the tokenizer at
+    start-up and writes back as a number (:func:`steppo_verl.trainer.resolve_value_offset`)."""
+    offset = algorithm_option(algorithm, "steppo.value_offset", 0)
+    if offset != "auto" and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 0):
+        raise ValueError(f"algorithm.steppo.value_offset must be an integer >= 0 (tokens) or auto, got {offset!r}")
+    return offset
+
+
 @register_adv_est("steppo")
 def steppo_estimator(
     token_level_rewards: torch.Tensor,

@@ -44,6 +44,7 @@ from verl.utils.torch_functional import masked_mean
 from steppo_verl.protocol import (
     Steps,
     locate_steps,
+    read_state_values,
     scatter_to_step_starts,
     scatter_to_tokens,
     step_means,
@@ -256,7 +257,9 @@ def _step_policy_loss(
     return pg_loss, metrics
 
 
-def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: Any = None) -> tuple[torch.Tensor, dict]:
+def step_start_value_loss(
+    config: Any, model_output: Any, data: Any, dp_group: Any = None, value_offset: int = 0
+) -> tuple[torch.Tensor, dict]:
     """verl critic loss trained only at step starts (``algorithm.steppo.value_loss=step_starts``).
 
     StepPO reads V(s_k) at the first action token of step k and nowhere else; verl's value loss fits
@@ -272,6 +275,8 @@ def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: A
         model_output: the critic engine's output; ``values`` nested ``[B, j]`` over the whole sequence.
         data: the micro-batch TensorDict: ``values`` (old), ``returns``, ``response_mask`` nested
             ``[B, j]``, and verl's ``dp_size``, ``global_batch_size``.
+        value_offset: ``algorithm.steppo.value_offset``; the value trained for step k (new and old) is the
+            one at :func:`~steppo_verl.protocol.state_value_positions`, where the estimator reads V(s_k).
 
     Steps are the runs of ``response_mask`` (as in the policy loss): exact for ``steppo_agent`` and
     verl's tool agent loop, whose steps are always separated by observation tokens, and consistent with
@@ -286,11 +291,13 @@ def step_start_value_loss(config: Any, model_output: Any, data: Any, dp_group: A
         name: (data[name].to_padded_tensor(pad) if data[name].is_nested else data[name])
         for name, pad in (("values", 0.0), ("returns", 0.0), ("response_mask", 0))
     }
-    starts = step_start_mask(locate_steps(padded["response_mask"]))
+    steps = locate_steps(padded["response_mask"])
+    starts = step_start_mask(steps)
+    vpreds = read_state_values(vpreds, steps, value_offset)
     dp_size, global_batch_size = data["dp_size"], data["global_batch_size"]
     vf_loss, vf_clipfrac = compute_value_loss(
         vpreds=vpreds,
-        values=padded["values"],
+        values=read_state_values(padded["values"], steps, value_offset),
         returns=padded["returns"],
         response_mask=starts,
         cliprange_value=config.cliprange_value,

@@ -8,6 +8,8 @@ error at repeated states (:func:`critic_state_metrics`).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from steppo_verl.advantage import observed_step_returns
@@ -108,19 +110,28 @@ def critic_state_metrics(
         repeated states; ``steppo/critic/repeated_states``: how many states were visited at least twice;
         ``steppo/critic/state_slope``: least-squares slope of mean V on mean outcome across those states
         (~0 for a critic that only tracks the batch mean, ~1 for a calibrated one; present with at least
-        two states whose outcomes differ). Empty where no state repeats.
+        two states whose outcomes differ); ``steppo/critic/state_abs_error_floor``: the error a critic that
+        knew every state's true value would show on average, because each state's mean outcome is itself a
+        mean of a few returns: the same visit weighting of ``sqrt(2 / pi) * s / sqrt(n)`` (the expected
+        absolute deviation of a mean of ``n`` returns whose sample standard deviation is ``s``, in the normal
+        approximation). 0/1 returns from a state visited 4 times at success 0.5 put it near 0.2: an error
+        near the floor is all a batch can measure. Empty where no state repeats.
     """
     if not bool(step_mask.any()):
         return {}
     state, visits = _states(step_keys, step_mask)
     mean_value = _state_sums(step_values[step_mask], state, visits) / visits
     mean_outcome = _state_sums(outcomes[step_mask], state, visits) / visits
+    mean_square = _state_sums(outcomes[step_mask].double() ** 2, state, visits) / visits
     repeated = visits >= 2
     if not bool(repeated.any()):
         return {}
     visits, mean_value, mean_outcome = visits[repeated], mean_value[repeated], mean_outcome[repeated]
+    sample_var = ((mean_square[repeated] - mean_outcome**2) * visits / (visits - 1)).clamp(min=0)
+    floor = math.sqrt(2 / math.pi) * torch.sqrt(sample_var / visits)
     metrics = {
         "steppo/critic/state_abs_error": float(((mean_value - mean_outcome).abs() * visits).sum() / visits.sum()),
+        "steppo/critic/state_abs_error_floor": float((floor * visits).sum() / visits.sum()),
         "steppo/critic/repeated_states": float(visits.numel()),
     }
     centred_outcome = mean_outcome - mean_outcome.mean()

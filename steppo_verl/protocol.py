@@ -44,6 +44,9 @@ __all__ = [
     "step_ids_from_mask",
     "gather_at_step_starts",
     "scatter_to_step_starts",
+    "after_steps",
+    "state_value_positions",
+    "read_state_values",
     "scatter_to_tokens",
     "step_sums",
     "step_means",
@@ -266,6 +269,40 @@ def scatter_to_step_starts(
     out = x.clone()
     out[rows[written], steps.starts[written]] = step_values[written].to(x.dtype)
     return out
+
+
+def after_steps(steps: Steps) -> torch.Tensor:
+    """``[B, K]`` the token after each step's last token (one past its span of action tokens; 0 where absent)."""
+    ends = steps.starts + step_sums(steps.action, steps)
+    return torch.where(steps.step_mask, ends, torch.zeros_like(ends))
+
+
+def state_value_positions(steps: Steps, offset: int) -> torch.Tensor:
+    """``[B, K]`` where V(s_k) is read: ``offset`` tokens before step k's first token (0 where absent).
+
+    Never before the token after step k-1's last token (nor before 0): the value there reads everything up to
+    and including step k-1, so the state s_k at most lacks its observation, never a step. With verl's critic
+    alignment the value at a position reads the hidden state of the token before it; an ``offset`` of the chat
+    template's fixed tokens between an observation and the next step (Qwen2.5: ``<|im_end|>\n<|im_start|>
+    assistant\n``, 5 tokens) reads it at the observation's last token instead (``algorithm.steppo.value_offset``).
+    """
+    if offset == 0:
+        return steps.starts
+    previous_ends = F.pad(after_steps(steps)[:, :-1], (1, 0))  # [B, K]; 0 before step 0
+    positions = torch.maximum(steps.starts - offset, previous_ends)
+    return torch.where(steps.step_mask, positions, torch.zeros_like(positions))
+
+
+def read_state_values(values: torch.Tensor, steps: Steps, offset: int) -> torch.Tensor:
+    """``[B, L]`` ``values`` with each step start holding the value at :func:`state_value_positions`.
+
+    Every reader of V(s_k) (estimators, metrics, records, the step-start value loss) reads step starts; this moves
+    the value there once, so none of them needs to know the offset. ``offset`` 0 returns ``values`` itself.
+    """
+    if offset == 0 or steps.max_steps == 0:
+        return values
+    moved = torch.gather(values, 1, state_value_positions(steps, offset))
+    return scatter_to_step_starts(values, moved, steps)
 
 
 def scatter_to_tokens(step_values: torch.Tensor, steps: Steps, fill: float = 0.0) -> torch.Tensor:

@@ -38,7 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.import_utils import resolve_config_path
 
 from steppo_verl.advantage import ESTIMATORS as STEP_ESTIMATORS
-from steppo_verl.advantage import algorithm_option, check_advantage_clip, value_source
+from steppo_verl.advantage import algorithm_option, check_advantage_clip, value_offset, value_source
 from steppo_verl.branch_worker import MANAGER_CLASS as BRANCH_MANAGER_CLASS
 from steppo_verl.branching import (
     BRANCH_ESTIMATORS,
@@ -56,8 +56,10 @@ from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_r
 from steppo_verl.metrics import observed_returns, state_mean_returns, step_metrics
 from steppo_verl.protocol import (
     Steps,
+    after_steps,
     gather_at_step_starts,
     locate_steps,
+    read_state_values,
     scatter_to_step_starts,
     step_ids_from_mask,
 )
@@ -235,6 +237,12 @@ def value_loss_positions(config: DictConfig) -> str:
     positions = algorithm_option(config.algorithm, "steppo.value_loss", "tokens")
     if positions not in VALUE_LOSS_POSITIONS:
         raise ValueError(f"algorithm.steppo.value_loss must be one of {VALUE_LOSS_POSITIONS}, got {positions!r}")
+    if value_offset(config.algorithm) and positions != "step_starts" and config.algorithm.adv_estimator == "steppo":
+        raise ValueError(
+            f"algorithm.steppo.value_offset={value_offset(config.algorithm)} reads V(s_k) before the step starts, "
+            "where verl's every-token value loss (algorithm.steppo.value_loss=tokens) never trains the critic: set "
+            "algorithm.steppo.value_loss=step_starts"
+        )
     return positions
 
 
@@ -245,6 +253,51 @@ def with_state_returns(
     (:func:`value_source`), where another step of the batch left the same state."""
     state_values, known = state_mean_returns(outcomes, step_keys, steps.step_mask)
     return scatter_to_step_starts(values, state_values, steps, where=known)
+
+
+def fixed_text_after_observation(tokenizer: Any, role: str) -> str | None:
+    """What the chat template writes between a ``role`` turn's text (``user``: the environment loop's observations;
+    ``tool``: tool responses) and the next assistant step: its end of turn and the assistant header; None where the
+    tokenizer has no chat template to render it with."""
+    marker = "STEPPO_OBSERVATION_END"
+    messages = [{"role": "user", "content": "task"}, {"role": "assistant", "content": "step"},
+                {"role": role, "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - no template, or one that cannot render this role: nothing to check against
+        return None
+    return text[text.rindex(marker) + len(marker):] if marker in text else None
+
+
+def resolve_value_offset(config: DictConfig, tokenizer: Any) -> int:
+    """``algorithm.steppo.value_offset`` as a number of tokens, checked against the chat template.
+
+    ``auto`` becomes the fewest fixed tokens the template writes after an observation of the training samples'
+    loops (the environment loop's user turns, the tool loop's tool responses; 5 after a Qwen2.5 user turn). A number
+    must stay within them: further back, V(s_k) would read a state without the end of its observation.
+    """
+    offset = value_offset(config.algorithm)
+    if offset == 0 or config.algorithm.adv_estimator != "steppo":
+        return 0 if offset == "auto" else offset
+    env_loops = _environment_loop_names(config)
+    counts = {}
+    for role in sorted({"user" if name in env_loops else "tool" for name in _training_agent_loops(config)}):
+        fixed = fixed_text_after_observation(tokenizer, role)
+        if fixed is not None:
+            counts[role] = (len(tokenizer.encode(fixed, add_special_tokens=False)), fixed)
+    if offset == "auto":
+        if not counts:
+            raise ValueError("algorithm.steppo.value_offset=auto counts the chat template's tokens after an "
+                             "observation, and the tokenizer has no chat template to render one: set a number")
+        return min(count for count, _ in counts.values())
+    for role, (count, fixed) in counts.items():
+        if offset > count:
+            raise ValueError(
+                f"algorithm.steppo.value_offset={offset} reads V(s_k) inside the observation: the chat template "
+                f"puts {count} fixed tokens ({fixed!r}) between a {role} turn's text and the next step; set "
+                f"algorithm.steppo.value_offset to at most {count} (or auto)"
+            )
+    return offset
 
 
 def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
@@ -377,17 +430,24 @@ def align_step_fields(fields: dict[str, torch.Tensor], response_mask: torch.Tens
     return aligned
 
 
-def bootstrap_values(values: torch.Tensor, fields: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def bootstrap_values(
+    values: torch.Tensor, fields: dict[str, torch.Tensor], steps: Steps | None = None, offset: int = 0
+) -> torch.Tensor | None:
     """``[B]`` V(s_K) after the final step: 0 for terminated episodes.
 
     For a cut-off episode the agent loop left a position whose critic value is V(s_K)
-    (``bootstrap_index``); where the response budget left no room for it (-1), the value before
-    the row's last token is the closest state the critic has seen.
+    (``bootstrap_index``), read ``offset`` tokens earlier as the step starts are (never before the token
+    after the final step: :func:`steppo_verl.protocol.state_value_positions`); where the response budget left
+    no room for it (-1), the value before the row's last token is the closest state the critic has seen.
     """
     if "truncated" not in fields:
         return None
     last_token = (fields["response_length"] - 1).clamp(min=0)
     index = fields.get("bootstrap_index", torch.full_like(last_token, -1))
+    if offset and steps is not None and steps.max_steps:
+        last_step = (steps.num_steps - 1).clamp(min=0)[:, None]
+        after_final = after_steps(steps).gather(1, last_step).squeeze(1).to(index.device)
+        index = torch.where(index >= 0, torch.maximum(index - offset, after_final), index)
     position = torch.where(index >= 0, index, last_token).to(values.device)
     value_at = values.gather(1, position[:, None]).squeeze(1)
     return torch.where(fields["truncated"].to(values.device).bool(), value_at, torch.zeros_like(value_at))
@@ -410,7 +470,13 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     step_ids = fields.get("step_ids")
     steps = locate_steps(response_mask, step_ids)
     step_keys = gather_at_step_starts(fields["step_keys"], steps) if "step_keys" in fields else None
-    last_values = bootstrap_values(values, fields) if values is not None else None
+    offset = value_offset(config) if adv_estimator == "steppo" else 0
+    if offset == "auto":
+        raise ValueError("algorithm.steppo.value_offset=auto is counted from the tokenizer by the StepPO trainer "
+                         "(python -m steppo_verl.main); verl's own trainer needs a number")
+    last_values = bootstrap_values(values, fields, steps, offset) if values is not None else None
+    if values is not None:  # every reader below (estimator, metrics, records) finds V(s_k) at the step starts
+        values = read_state_values(values, steps, offset)
     source = value_source(config) if adv_estimator == "steppo" and values is not None else "critic"
     if source == "state_returns" and step_keys is None:
         raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
@@ -670,13 +736,21 @@ class StepPOTrainer(PPOTrainerSync):
             return super()._get_required_batch_multiple(dp_size)
 
     def _setup(self) -> None:
+        self._init_tokenizer()  # verl's _setup loads it first thing too; the offset needs it before any worker starts
+        offset = resolve_value_offset(self.config, self.tokenizer)
+        if value_offset(self.config.algorithm) == "auto":
+            with open_dict(self.config):
+                self.config.algorithm.steppo.value_offset = offset  # what the estimator and the critic loss read
         super()._setup()
         if self.use_critic and value_loss_positions(self.config) == "step_starts":
             # verl sets its every-token value loss on the critic in _setup; ours replaces it there.
             from verl.utils.config import omega_conf_to_dataclass
 
             critic_config = omega_conf_to_dataclass(self.config.critic)
-            self.critic_wg.set_loss_fn(functools.partial(step_start_value_loss, config=critic_config))
+            offset = value_offset(self.config.algorithm) if self.config.algorithm.adv_estimator == "steppo" else 0
+            self.critic_wg.set_loss_fn(
+                functools.partial(step_start_value_loss, config=critic_config, value_offset=offset)
+            )
 
     def _compute_advantage(self, batch, metrics: dict) -> Any:
         if self.config.algorithm.adv_estimator not in ESTIMATORS:

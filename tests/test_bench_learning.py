@@ -67,6 +67,19 @@ def test_a_summary_rebuilt_from_its_json_keeps_the_runs_title_and_table(tmp_path
     assert out.with_suffix(".md").read_text() == first
 
 
+def test_the_table_gives_the_critic_error_with_its_floor_where_the_runs_recorded_one():
+    runs = {"steppo": [{"seed": 0, "world": 0, "success": [0.2, 0.5], "critic_error": [0.3, 0.25],
+                        "critic_error_floor": [0.2, 0.15]},
+                       {"seed": 1, "world": 0, "success": [0.2, 0.7], "critic_error": [0.3, 0.15],
+                        "critic_error_floor": [0.2, 0.05]}],
+            "steppo_before_the_floor": [{"seed": 0, "world": 0, "success": [0.2, 0.5], "critic_error": [0.3, 0.2]}]}
+    rows = bench.summarise(runs, 0.5)
+    assert rows[0]["critic_error_last"] == pytest.approx(0.2) and rows[0]["critic_error_floor_last"] == pytest.approx(0.1)
+    assert rows[1]["critic_error_floor_last"] is None
+    lines = bench.table(rows, 0.5, 2).splitlines()
+    assert lines[2].endswith("| 0.20 (0.10) |") and lines[3].endswith("| 0.20 |")
+
+
 def test_the_one_rollout_arm_keeps_the_rows_and_updates_per_step_of_the_default_batch():
     tiny_policy = OmegaConf.load(BENCHMARKS.parent / "steppo_verl" / "config" / "task" / "tiny_policy.yaml")
     one_rollout = OmegaConf.merge(tiny_policy, OmegaConf.from_dotlist(list(bench.ARMS["steppo+1x64"].overrides)))

@@ -100,7 +100,9 @@ def assert_two_env_loop_steps(result, max_turns: int) -> None:
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 60)
 def test_corridor_env_loop_trains_two_steppo_steps_on_cpu(workdir):
-    result = run_in_session(env_run_command(workdir), workdir)
+    # V(s_k) read at each observation's last token: the trainer counts the template's fixed tokens at start-up and
+    # hands the number to the estimator and to the critic workers' step-start value loss.
+    result = run_in_session([*env_run_command(workdir), "algorithm.steppo.value_offset=auto"], workdir)
     assert_two_env_loop_steps(result, max_turns=3)
 
 

@@ -438,8 +438,11 @@ def test_report_plots_the_critic_error_at_repeated_states_per_training_step():
     records = [record(1, 5, 0.5, 1.0), record(1, 5, 0.5, 0.0), record(1, 6, 0.9, 1.0),
                record(2, 5, 0.4, 0.0), record(2, 5, 0.4, 1.0), record(2, 5, float("nan"), 1.0)]
     svg = critic_state_error_by_training_step(records)
-    assert "Critic error at repeated states" in svg and "<polyline" in svg
-    assert svg.count("<circle") == 2, "one point per training step with a repeated state"
+    assert "Critic error at repeated states" in svg and '<polyline class="mean"' in svg
+    assert svg.count('<circle class="mean"') == 2, "one point per training step with a repeated state"
+    # The floor: state 5 returned 1 and 0 at both steps, so a critic knowing its value would be off by
+    # sqrt(2 / pi) * sqrt(0.5 / 2) there too; drawn as its own (dashed) line.
+    assert '<polyline class="floor"' in svg and svg.count('<circle class="floor"') == 2
     assert "no critic values" in critic_state_error_by_training_step([record(1, 5, 0.5, 1.0), record(1, 6, 0.5, 1.0)])
     keyless = [{**record(1, 5, 0.5, 1.0), "state_key": None}] * 2
     assert "no critic values" in critic_state_error_by_training_step(keyless)

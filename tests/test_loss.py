@@ -356,6 +356,20 @@ def test_step_start_value_loss_reads_steps_from_the_mask_without_step_ids():
     assert set(torch.nonzero(predictions.grad).flatten().tolist()) == {1, 4, 7, 9}
 
 
+def test_step_start_value_loss_with_an_offset_trains_the_values_the_estimator_reads():
+    masks = [[1, 1, 0, 0, 0, 1, 1], [0, 1, 1, 0, 1]]  # row 0: steps at 0 and 5; row 1: steps at 1 and 4
+    data, predictions = critic_micro_batch([3, 2], masks)
+    loss, _ = step_start_value_loss(critic_config(), {"values": predictions}, data, value_offset=2)
+    loss.backward()
+    # value_offset=2: row 0 reads step 1 at token 3 (5 - 2), step 0 stays at 0; row 1 reads step 0 at 0 (1 - 2,
+    # clamped) and step 1 at 3 (4 - 2 = 2 is step 0's last token, so the token after it). Sequence positions
+    # p + t - 1: row 0 (prompt 3) -> 2, 5; row 1 (prompt 2, after row 0's 10 tokens) -> 11, 14.
+    assert set(torch.nonzero(predictions.grad).flatten().tolist()) == {2, 5, 11, 14}
+    expected = 0.5 * ((predictions[2] - 1) ** 2 + (predictions[5] - 1) ** 2
+                      + (predictions[11] - 2) ** 2 + (predictions[14] - 2) ** 2).item() / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_on_policy_the_step_loss_has_verls_token_loss_gradient():
     # At ratio 1 (the first mini-batch of a step) one ratio per step and one per token give the same
     # gradient: an arm that swaps the two losses differs only in later mini-batches (or by chance).

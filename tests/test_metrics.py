@@ -3,6 +3,8 @@ ending fractions."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,6 +32,17 @@ def test_critic_state_error_matches_a_hand_computation():
     assert metrics["steppo/critic/repeated_states"] == 2
     # slope of mean V on mean outcome over (1/3, 0.5) and (2/3, 0.7): 0.2 / (1/3)
     assert metrics["steppo/critic/state_slope"] == pytest.approx(0.6)
+    # A's outcomes 1, 0, 0 and B's 1, 1, 0 (rows 0, 0, 2): sample variance 1/3 each, so a critic that knew both
+    # values would still be off by sqrt(2 / pi) * sqrt(1/3 / 3) on average.
+    assert metrics["steppo/critic/state_abs_error_floor"] == pytest.approx(math.sqrt(2 / math.pi) / 3)
+
+
+def test_the_error_floor_is_zero_where_every_visit_of_a_state_returned_the_same():
+    keys = torch.tensor([[1, 2], [1, 2]])
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    metrics = critic_state_metrics(torch.zeros(2, 2), torch.tensor([[0.5, 1.0], [0.5, 1.0]]), keys, mask)
+    assert metrics["steppo/critic/state_abs_error_floor"] == 0.0
+    assert metrics["steppo/critic/state_abs_error"] == pytest.approx(0.75)
 
 
 def test_state_mean_returns_leave_each_steps_own_return_out():

@@ -10,10 +10,13 @@ from layouts import reference_step_rewards, steps_of_row
 
 from steppo_verl.protocol import (
     StepLayoutError,
+    after_steps,
     gather_at_step_starts,
     locate_steps,
+    read_state_values,
     scatter_to_step_starts,
     scatter_to_tokens,
+    state_value_positions,
     step_ids_from_mask,
     step_means,
     step_rewards,
@@ -261,3 +264,27 @@ def test_step_values_of_the_wrong_shape_are_not_scattered_to_step_starts():
     steps = locate_steps(torch.tensor([[1, 0, 1]]))
     with pytest.raises(ValueError, match=r"per-step values have shape \(1, 3\), expected .* \(1, 2\)"):
         scatter_to_step_starts(torch.zeros(1, 3), torch.zeros(1, 3), steps)
+
+
+# ----------------------------------------------------------------------------- where V(s_k) is read
+
+
+def test_state_values_are_read_offset_tokens_before_each_step_start_but_never_inside_the_step_before():
+    # Row 0: step 0 at 0-1, an observation of 6 tokens, step 1 at 8-9, an observation of 2 tokens, step 2 at 12.
+    # Row 1: 2 non-action tokens before step 0 at 2-3, one before step 1 at 5.
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1], [0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0]])
+    steps = locate_steps(mask)
+    assert state_value_positions(steps, 0) is steps.starts
+    # Step 0 of row 0 cannot move before token 0; step 1 moves 3 back (to 5); step 2 only to 10, the token after
+    # step 1's last (its value reads step 1 and nothing of it is left out). Row 1: step 0 to 0, step 1 to 4.
+    assert state_value_positions(steps, 3).tolist() == [[0, 5, 10], [0, 4, 0]]
+    assert after_steps(steps).tolist() == [[2, 10, 13], [4, 6, 0]]
+
+    values = torch.arange(26, dtype=torch.float32).reshape(2, 13)
+    moved = read_state_values(values, steps, 3)
+    expected = values.clone()
+    expected[0, [0, 8, 12]] = torch.tensor([0.0, 5.0, 10.0])
+    expected[1, [2, 5]] = torch.tensor([13.0, 17.0])
+    assert torch.equal(moved, expected)
+    assert torch.equal(gather_at_step_starts(moved, steps), torch.tensor([[0.0, 5.0, 10.0], [13.0, 17.0, 0.0]]))
+    assert read_state_values(values, steps, 0) is values

@@ -24,7 +24,7 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from steppo_verl.advantage import compute_gigpo_advantage, compute_steppo_advantage
 from steppo_verl.dev.tiny_model import build_tiny_tokenizer
 from steppo_verl.endings import Ending
-from steppo_verl.protocol import locate_steps
+from steppo_verl.protocol import gather_at_step_starts, locate_steps
 from steppo_verl.metrics import observed_returns
 from steppo_verl.trainer import (
     StepPOTrainer,
@@ -111,6 +111,23 @@ def padded(samples, name, pad):
     return torch.nested.as_nested_tensor([s[name] for s in samples], layout=torch.jagged).to_padded_tensor(pad)
 
 
+def steppo_advantages(tq, trajectories, partition, *overrides):
+    """StepPO's stored advantages ``[B, L]`` for the trajectories put in ``partition``, the metrics, the samples."""
+    batch, samples = put_batch(tq, trajectories, partition=partition)
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id=partition)
+    metrics: dict = {}
+    trainer_with(verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", *overrides))._compute_advantage(
+        batch, metrics)
+    stored = tq.kv_batch_get(keys=batch.keys, partition_id=partition, select_fields=["advantages"])
+    return stored["advantages"].to_padded_tensor(0.0), metrics, samples
+
+
+def estimator_inputs(samples):
+    """``response_mask``, ``step_ids``, rewards and critic values ``[B, L]`` of the samples, as the trainer reads them."""
+    rewards = padded(samples, "rm_scores", 0.0) + padded(samples, "env_rewards", 0.0)
+    return padded(samples, "response_mask", 0), padded(samples, "step_ids", -1), rewards, padded(samples, "values", 0.0)
+
+
 def test_steppo_advantages_from_transfer_queue(transfer_queue, trajectories):
     batch, samples = put_batch(transfer_queue, trajectories)
     config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true")
@@ -190,18 +207,12 @@ def test_per_step_records_are_dumped_with_the_estimators_values(transfer_queue, 
 
 
 def test_steppo_on_state_returns_reads_the_batchs_mean_return_of_each_state(transfer_queue, trajectories):
-    batch, samples = put_batch(transfer_queue, trajectories, partition="state_returns")
-    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="state_returns")
-    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=state_returns")
-    metrics: dict = {}
-    trainer_with(config)._compute_advantage(batch, metrics)
-    stored = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="state_returns", select_fields=["advantages"])
+    advantages, metrics, samples = steppo_advantages(transfer_queue, trajectories, "state_returns",
+                                                     "+algorithm.steppo.values=state_returns")
 
     # By hand: every step start whose state another step of the batch also left holds the mean of the
     # others' observed returns from that state; the critic's value stays where the state is unique.
-    mask, step_ids = padded(samples, "response_mask", 0), padded(samples, "step_ids", -1)
-    rewards = padded(samples, "rm_scores", 0.0) + padded(samples, "env_rewards", 0.0)
-    values = padded(samples, "values", 0.0)
+    mask, step_ids, rewards, values = estimator_inputs(samples)
     steps = locate_steps(mask, step_ids)
     keys = padded(samples, "step_keys", 0).gather(1, steps.starts)
     bootstrap = torch.tensor([float(s["values"][s["bootstrap_index"]]) if s["truncated"] else 0.0 for s in samples])
@@ -218,7 +229,7 @@ def test_steppo_on_state_returns_reads_the_batchs_mean_return_of_each_state(tran
     assert replaced >= 4, "all four trajectories start from the same prompt"
     expected, _ = compute_steppo_advantage(rewards, expected_values, mask, step_ids, gamma=0.9, lam=0.95,
                                            bootstrap_values=bootstrap)
-    torch.testing.assert_close(stored["advantages"].to_padded_tensor(0.0), expected)
+    torch.testing.assert_close(advantages, expected)
     # The critic diagnostics still describe the critic, not the values the estimator read.
     assert "steppo/critic/state_abs_error" in metrics
 
@@ -235,6 +246,78 @@ def test_with_state_returns_writes_only_step_starts_of_repeated_states():
     expected[0, 0], expected[1, 0] = 0.0, 1.0  # each reads the other's return from state 7
     torch.testing.assert_close(replaced, expected)
     assert values[0, 0] == 0.0 and values[1, 0] == 5.0  # the critic's tensor is left as it was
+
+
+def test_steppo_with_a_value_offset_reads_every_value_that_many_tokens_earlier(transfer_queue, trajectories):
+    advantages, metrics, samples = steppo_advantages(transfer_queue, trajectories, "value_offset",
+                                                     "+algorithm.steppo.value_offset=3",
+                                                     "+algorithm.steppo.value_loss=step_starts")
+
+    # By hand: V(s_k) is the critic's value 3 tokens before step k's first token, or at the token after step
+    # k-1's last where step k-1 ends later; V(s_K) of the cut-off trajectory likewise before its bootstrap position.
+    mask, step_ids, rewards, values = estimator_inputs(samples)
+    expected_values, bootstrap, moved = values.clone(), torch.zeros(len(samples)), 0
+    for b, sample in enumerate(samples):
+        ids = sample["step_ids"].tolist()
+        after = 0  # the token after the previous step's last
+        for k in range(max(ids) + 1):
+            start = ids.index(k)
+            position = max(start - 3, after)
+            expected_values[b, start] = values[b, position]
+            moved += position != start
+            after = len(ids) - ids[::-1].index(k)
+        if sample["truncated"]:
+            bootstrap[b] = values[b, max(int(sample["bootstrap_index"]) - 3, after)]
+    assert moved >= 2 and bootstrap.abs().sum() > 0
+    expected, _ = compute_steppo_advantage(rewards, expected_values, mask, step_ids, gamma=0.9, lam=0.95,
+                                           bootstrap_values=bootstrap)
+    torch.testing.assert_close(advantages, expected)
+    steps = locate_steps(mask, step_ids)
+    read = gather_at_step_starts(expected_values, steps)[steps.step_mask]
+    assert metrics["steppo/step_value/mean"] == pytest.approx(float(read.mean()), abs=1e-6), "metrics read them too"
+
+
+def test_a_value_offset_must_be_a_token_count_the_critic_is_trained_at():
+    for offset in ("-1", "2.5", "true"):
+        config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true",
+                             f"+algorithm.steppo.value_offset={offset}", "+algorithm.steppo.value_loss=step_starts")
+        with pytest.raises(ValueError, match="value_offset must be an integer >= 0 .tokens. or auto"):
+            validate_steppo_config(config)
+    tokens = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.value_offset=5")
+    with pytest.raises(ValueError, match="set algorithm.steppo.value_loss=step_starts"):
+        validate_steppo_config(tokens)
+
+
+def test_a_value_offset_is_counted_or_checked_against_the_templates_fixed_tokens():
+    from steppo_verl.trainer import fixed_text_after_observation, resolve_value_offset
+
+    tokenizer = build_tiny_tokenizer()
+    assert fixed_text_after_observation(tokenizer, "user") == "<|im_end|>\n<|im_start|>assistant\n"
+    assert fixed_text_after_observation(tokenizer, "tool") == "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+    def config(loop, offset, estimator="steppo"):
+        return verl_config(f"algorithm.adv_estimator={estimator}", "critic.enable=true", "data.train_files=[]",
+                           f"actor_rollout_ref.rollout.agent.default_agent_loop={loop}",
+                           f"+algorithm.steppo.value_offset={offset}", "+algorithm.steppo.value_loss=step_starts")
+
+    # This tokenizer splits "assistant" in two: 6 fixed tokens after a user turn, 8 after a tool response.
+    assert resolve_value_offset(config("steppo_env_agent", "auto"), tokenizer) == 6
+    assert resolve_value_offset(config("steppo_agent", "auto"), tokenizer) == 8
+    assert resolve_value_offset(config("steppo_env_agent", 6), tokenizer) == 6
+    with pytest.raises(ValueError, match=r"puts 6 fixed tokens .* between a user turn's text and the next step"):
+        resolve_value_offset(config("steppo_env_agent", 7), tokenizer)
+    with pytest.raises(ValueError, match=r"set algorithm.steppo.value_offset to at most 8 \(or auto\)"):
+        resolve_value_offset(config("steppo_agent", 9), tokenizer)
+    assert resolve_value_offset(config("steppo_agent", "auto", estimator="gigpo"), tokenizer) == 0, "no critic read"
+
+
+def test_value_offset_auto_needs_the_steppo_trainer_to_count_it(transfer_queue, trajectories):
+    batch, _ = put_batch(transfer_queue, trajectories, partition="value_offset_auto")
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="value_offset_auto")
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true",
+                         "+algorithm.steppo.value_offset=auto", "+algorithm.steppo.value_loss=step_starts")
+    with pytest.raises(ValueError, match="value_offset=auto is counted from the tokenizer by the StepPO trainer"):
+        trainer_with(config)._compute_advantage(batch, {})
 
 
 def test_unknown_value_source_fails_at_start_up():

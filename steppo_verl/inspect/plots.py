@@ -154,14 +154,15 @@ def explained_variance_by_training_step(records: list[dict]) -> str:
 
 def critic_state_error_by_training_step(records: list[dict]) -> str:
     """The critic's visit-weighted |mean V - mean outcome| at repeated states, per training step
-    (:func:`steppo_verl.metrics.critic_state_metrics` over the dumped trajectories' step starts)."""
+    (:func:`steppo_verl.metrics.critic_state_metrics` over the dumped trajectories' step starts), with the floor
+    (dashed) that a critic knowing the true values would show on the same few returns per state."""
     title = "Critic error at repeated states"
     by_training_step: dict[int, list[tuple[float, float, int]]] = defaultdict(list)
     for record in records:
         value, outcome, key = record.get("value"), record.get("outcome"), record.get("state_key")
         if key is not None and _finite(value) and _finite(outcome):
             by_training_step[record["training_step"]].append((value, outcome, key))
-    points = {}
+    points, floors = {}, {}
     for training_step, rows in sorted(by_training_step.items()):
         values = torch.tensor([[v] for v, _, _ in rows], dtype=torch.float64)
         outcomes = torch.tensor([[o] for _, o, _ in rows], dtype=torch.float64)
@@ -169,12 +170,14 @@ def critic_state_error_by_training_step(records: list[dict]) -> str:
         metrics = critic_state_metrics(values, outcomes, keys, torch.ones_like(keys, dtype=torch.bool))
         if "steppo/critic/state_abs_error" in metrics:
             points[float(training_step)] = metrics["steppo/critic/state_abs_error"]
+            floors[float(training_step)] = metrics["steppo/critic/state_abs_error_floor"]
     if not points:
         return _empty(title, "no critic values at repeated states")
-    xs, ys = list(points), list(points.values())
-    axes = _Axes.around(xs, ys, x_pad=0.5)
+    xs, ys, floor = list(points), list(points.values()), list(floors.values())
+    axes = _Axes.around(xs, ys + floor, x_pad=0.5)
     ticks = _ticks(xs[0], xs[-1], integer=True)
-    return _svg(title, axes.frame(ticks, "training step", "|V - outcome|") + [_polyline(axes, xs, ys, "mean")])
+    lines = [_polyline(axes, xs, floor, "floor"), _polyline(axes, xs, ys, "mean")]
+    return _svg(title, axes.frame(ticks, "training step", "|V - outcome|") + lines)
 
 
 def steps_histogram(num_steps: list[int]) -> str:

@@ -177,6 +177,7 @@ h1 { font-size: 17px; margin: 0; }
 .plot .axis { stroke: #8a949e; } .plot .zero { stroke: #c5ccd3; stroke-dasharray: 3 3; }
 .plot .point { fill: #4a79a8; fill-opacity: 0.35; }
 .plot polyline.mean { stroke: #d0641c; stroke-width: 2; } .plot circle.mean { fill: #d0641c; }
+.plot polyline.floor { stroke: #8a949e; stroke-width: 1.5; stroke-dasharray: 4 3; } .plot circle.floor { fill: #8a949e; }
 .plot .bar { fill: #4a79a8; }
 main { display: grid; grid-template-columns: minmax(420px, 5fr) 7fr; gap: 12px; padding: 6px 16px 40px; }
 .list, #detail { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 8px; min-width: 0; }
