@@ -747,7 +747,6 @@ class StepPOTrainer(PPOTrainerSync):
             from verl.utils.config import omega_conf_to_dataclass
 
             critic_config = omega_conf_to_dataclass(self.config.critic)
-            offset = value_offset(self.config.algorithm) if self.config.algorithm.adv_estimator == "steppo" else 0
             self.critic_wg.set_loss_fn(
                 functools.partial(step_start_value_loss, config=critic_config, value_offset=offset)
             )
