@@ -118,6 +118,7 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+critic_epochs4+lam0.5": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5")),
     "steppo+obs_value": ("steppo", OBSERVATION_VALUE),
     "steppo+obs_value+lam0.5": ("steppo", (*OBSERVATION_VALUE, "algorithm.lam=0.5")),
+    "steppo+obs_value+critic_epochs4": ("steppo", (*OBSERVATION_VALUE, "critic.ppo_epochs=4")),
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
     "steppo+state_values+lam0": ("steppo", STATE_VALUES_LAM0),

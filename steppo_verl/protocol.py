@@ -288,21 +288,43 @@ def state_value_positions(steps: Steps, offset: int) -> torch.Tensor:
     """
     if offset == 0:
         return steps.starts
-    previous_ends = F.pad(after_steps(steps)[:, :-1], (1, 0))  # [B, K]; 0 before step 0
-    positions = torch.maximum(steps.starts - offset, previous_ends)
-    return torch.where(steps.step_mask, positions, torch.zeros_like(positions))
+    return _moved_back(steps.starts, _state_floors(steps)[:, :-1], offset, steps.step_mask)
 
 
-def read_state_values(values: torch.Tensor, steps: Steps, offset: int) -> torch.Tensor:
+def _state_floors(steps: Steps) -> torch.Tensor:
+    """``[B, K + 1]`` the earliest position a value of state s_k may be read from: the token after step k-1's last
+    (0 for k = 0). Column ``num_steps[b]`` is that of s_K, the state after row b's final step."""
+    return F.pad(after_steps(steps), (1, 0))
+
+
+def _moved_back(positions: torch.Tensor, floors: torch.Tensor, offset: int, keep: torch.Tensor) -> torch.Tensor:
+    """``positions`` moved ``offset`` tokens earlier but not before ``floors``; 0 where ``keep`` is False."""
+    moved = torch.maximum(positions - offset, floors)
+    return torch.where(keep, moved, torch.zeros_like(moved))
+
+
+def read_state_values(
+    values: torch.Tensor, steps: Steps, offset: int, bootstrap_index: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, L]`` ``values`` with each step start holding the value at :func:`state_value_positions`.
 
     Every reader of V(s_k) (estimators, metrics, records, the step-start value loss) reads step starts; this moves
-    the value there once, so none of them needs to know the offset. ``offset`` 0 returns ``values`` itself.
+    the value there once, so none of them needs to know the offset. ``bootstrap_index`` ``[B]`` (the position of
+    V(s_K) after a cut-off episode's final step, -1 where none) moves that value the same way, never before the
+    token after the final step. ``offset`` 0 returns ``values`` itself.
     """
     if offset == 0 or steps.max_steps == 0:
         return values
-    moved = torch.gather(values, 1, state_value_positions(steps, offset))
-    return scatter_to_step_starts(values, moved, steps)
+    floors = _state_floors(steps)  # one pass over [B, L] serves the step starts and V(s_K)
+    positions = _moved_back(steps.starts, floors[:, :-1], offset, steps.step_mask)
+    moved = scatter_to_step_starts(values, torch.gather(values, 1, positions), steps)
+    if bootstrap_index is None:
+        return moved
+    index = bootstrap_index.to(values.device)[:, None]  # [B, 1]
+    final_floor = floors.gather(1, steps.num_steps[:, None])
+    source = _moved_back(index, final_floor, offset, index >= 0)
+    target = index.clamp(min=0)  # rows without V(s_K) write their own value back at 0
+    return moved.scatter(1, target, torch.where(index >= 0, values.gather(1, source), moved.gather(1, target)))
 
 
 def scatter_to_tokens(step_values: torch.Tensor, steps: Steps, fill: float = 0.0) -> torch.Tensor:

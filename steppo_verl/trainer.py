@@ -56,7 +56,6 @@ from steppo_verl.inspect.records import DumpConfig, TrajectoryBatch, dump_step_r
 from steppo_verl.metrics import observed_returns, state_mean_returns, step_metrics
 from steppo_verl.protocol import (
     Steps,
-    after_steps,
     gather_at_step_starts,
     locate_steps,
     read_state_values,
@@ -430,24 +429,18 @@ def align_step_fields(fields: dict[str, torch.Tensor], response_mask: torch.Tens
     return aligned
 
 
-def bootstrap_values(
-    values: torch.Tensor, fields: dict[str, torch.Tensor], steps: Steps | None = None, offset: int = 0
-) -> torch.Tensor | None:
+def bootstrap_values(values: torch.Tensor, fields: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """``[B]`` V(s_K) after the final step: 0 for terminated episodes.
 
-    For a cut-off episode the agent loop left a position whose critic value is V(s_K)
-    (``bootstrap_index``), read ``offset`` tokens earlier as the step starts are (never before the token
-    after the final step: :func:`steppo_verl.protocol.state_value_positions`); where the response budget left
-    no room for it (-1), the value before the row's last token is the closest state the critic has seen.
+    For a cut-off episode the agent loop left a position whose critic value is V(s_K) (``bootstrap_index``;
+    with a value offset, :func:`steppo_verl.protocol.read_state_values` has moved the value there); where the
+    response budget left no room for it (-1), the value before the row's last token is the closest state the
+    critic has seen.
     """
     if "truncated" not in fields:
         return None
     last_token = (fields["response_length"] - 1).clamp(min=0)
     index = fields.get("bootstrap_index", torch.full_like(last_token, -1))
-    if offset and steps is not None and steps.max_steps:
-        last_step = (steps.num_steps - 1).clamp(min=0)[:, None]
-        after_final = after_steps(steps).gather(1, last_step).squeeze(1).to(index.device)
-        index = torch.where(index >= 0, torch.maximum(index - offset, after_final), index)
     position = torch.where(index >= 0, index, last_token).to(values.device)
     value_at = values.gather(1, position[:, None]).squeeze(1)
     return torch.where(fields["truncated"].to(values.device).bool(), value_at, torch.zeros_like(value_at))
@@ -474,9 +467,10 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
     if offset == "auto":
         raise ValueError("algorithm.steppo.value_offset=auto is counted from the tokenizer by the StepPO trainer "
                          "(python -m steppo_verl.main); verl's own trainer needs a number")
-    last_values = bootstrap_values(values, fields, steps, offset) if values is not None else None
+    last_values = None
     if values is not None:  # every reader below (estimator, metrics, records) finds V(s_k) at the step starts
-        values = read_state_values(values, steps, offset)
+        values = read_state_values(values, steps, offset, fields.get("bootstrap_index"))
+        last_values = bootstrap_values(values, fields)
     source = value_source(config) if adv_estimator == "steppo" and values is not None else "critic"
     if source == "state_returns" and step_keys is None:
         raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
@@ -735,12 +729,16 @@ class StepPOTrainer(PPOTrainerSync):
         with self._mini_batches_in_rows():
             return super()._get_required_batch_multiple(dp_size)
 
-    def _setup(self) -> None:
-        self._init_tokenizer()  # verl's _setup loads it first thing too; the offset needs it before any worker starts
+    def _init_tokenizer(self) -> None:
+        # verl's _setup loads the tokenizer first thing, before any worker starts: the value offset is counted with
+        # it there, so the estimator and the critic loss read a number from the config.
+        super()._init_tokenizer()
         offset = resolve_value_offset(self.config, self.tokenizer)
         if value_offset(self.config.algorithm) == "auto":
             with open_dict(self.config):
-                self.config.algorithm.steppo.value_offset = offset  # what the estimator and the critic loss read
+                self.config.algorithm.steppo.value_offset = offset
+
+    def _setup(self) -> None:
         super()._setup()
         if self.use_critic and value_loss_positions(self.config) == "step_starts":
             # verl sets its every-token value loss on the critic in _setup; ours replaces it there.
@@ -748,7 +746,8 @@ class StepPOTrainer(PPOTrainerSync):
 
             critic_config = omega_conf_to_dataclass(self.config.critic)
             self.critic_wg.set_loss_fn(
-                functools.partial(step_start_value_loss, config=critic_config, value_offset=offset)
+                functools.partial(step_start_value_loss, config=critic_config,
+                                  value_offset=value_offset(self.config.algorithm))
             )
 
     def _compute_advantage(self, batch, metrics: dict) -> Any:

@@ -46,3 +46,14 @@ def test_one_state_is_refused(tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="two distinct states"):
         probe.position_signal(model, tokenizer, [chat("a"), chat("b")], [0, 0])
+
+
+def test_the_closest_pair_names_the_two_states_a_large_mean_distance_hides(tiny):
+    model, tokenizer = tiny
+    kitchen, coin = chat("You are in the kitchen."), chat("You see a coin here, shining and round.")
+    # States 0 and 2 are the same conversation: their means coincide, whatever the distance to state 1.
+    report = probe.position_signal(model, tokenizer, [kitchen, coin, kitchen, kitchen, coin, kitchen],
+                                   [0, 1, 2, 0, 1, 2], positions=3)
+    for row in report:
+        assert row.closest_pair == (0, 2) and row.closest == 0.0
+        assert row.between > 0, "the mean over pairs is not zero: the other two pairs are apart"

@@ -288,3 +288,18 @@ def test_state_values_are_read_offset_tokens_before_each_step_start_but_never_in
     assert torch.equal(moved, expected)
     assert torch.equal(gather_at_step_starts(moved, steps), torch.tensor([[0.0, 5.0, 10.0], [13.0, 17.0, 0.0]]))
     assert read_state_values(values, steps, 0) is values
+
+
+def test_the_bootstrap_value_is_read_offset_tokens_earlier_but_never_inside_the_final_step():
+    # Row 0: step 0 at 0-1, step 1 at 4-5, an observation, V(s_K)'s position at 9. Row 1: one step at 1-2, no V(s_K).
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0, 0, 0, 0]])
+    steps = locate_steps(mask)
+    values = torch.arange(20, dtype=torch.float32).reshape(2, 10)
+    index = torch.tensor([9, -1])
+    moved = read_state_values(values, steps, 2, index)
+    assert moved[0, 9] == 7.0 and moved[0, 4] == 2.0, "V(s_K) and V(s_1) read 2 tokens earlier"
+    assert moved[1, 0] == 10.0 and moved[1, 1] == 10.0, "no V(s_K): nothing written; step 0 read at token 0"
+    far = read_state_values(values, steps, 5, index)
+    assert far[0, 9] == 6.0, "not before the token after the final step (6)"
+    assert torch.equal(read_state_values(values, steps, 2), torch.where(
+        torch.arange(10) == 9, values, moved)), "without bootstrap_index only the step starts move"

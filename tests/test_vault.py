@@ -242,6 +242,47 @@ def policy_dir(task, tmp_path_factory):
     return model_dir
 
 
+def test_the_step_start_probe_renders_each_tool_response_a_demonstration_acts_on_with_its_tools(task, policy_dir):
+    from bench_modules import load_benchmark
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    probe = load_benchmark("probe_step_starts")
+    out, _ = task
+    demos = [json.loads(line) for line in (out / "demos.jsonl").read_text().splitlines()[:10]]
+    conversations, names, tools = probe.demo_states(str(out / "demos.jsonl"), limit=10)
+
+    assert tools == demos[0]["tools"]
+    expected = [(demo["messages"][: at + 1], message["content"]) for demo in demos
+                for at, message in enumerate(demo["messages"][:-1])
+                if message["role"] == "tool" and demo["messages"][at + 1]["role"] == "assistant"]
+    assert list(zip(conversations, names)) == expected and len(expected) >= 20
+    assert all(conversation[-1]["role"] == "tool" for conversation in conversations)
+
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    _, ids = probe.final_hidden_states(model, tokenizer, conversations[0], "", tools)
+    rendered = tokenizer.decode(ids)
+    assert "open_door" in rendered.split(names[0])[0], "the tools are rendered into the conversation"
+    assert rendered.endswith(names[0] + "\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    states = sorted(set(names))
+    report = probe.position_signal(model, tokenizer, conversations, [states.index(n) for n in names], "", 8, tools)
+    assert report[0].token == "\n" and report[4].token == "<|im_end|>"
+
+
+def test_the_probe_names_the_closest_states_and_merges_the_open_vaults_codes(task, policy_dir, capsys):
+    from bench_modules import load_benchmark
+
+    out, _ = task
+    load_benchmark("probe_step_starts").main(["--model", str(policy_dir), "--demos", str(out / "demos.jsonl"),
+                                              "--prefix", "", "--limit", "40", "--positions", "2",
+                                              "--same-state", "Vault open"])
+    printed = capsys.readouterr().out
+    header, rows = printed.splitlines()[0], [line for line in printed.splitlines() if line.startswith("| 1 ")]
+    assert "'Vault open'" in header and "Code:" not in header, "every open vault is one state"
+    assert "'Dead end.'" in header and "'You are in room" in header
+    assert len(rows) == 1 and " / " in rows[0].split("|")[7], "the closest pair is named"
+
+
 def test_a_call_is_six_tokens_with_the_added_boilerplate_tokens(task):
     out, _ = task
     tokenizer = build_tiny_tokenizer(extra_text=demonstration_text(out / "demos.jsonl", limit=50),
