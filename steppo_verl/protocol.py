@@ -288,13 +288,18 @@ def state_value_positions(steps: Steps, offset: int) -> torch.Tensor:
     """
     if offset == 0:
         return steps.starts
-    return _moved_back(steps.starts, _state_floors(steps)[:, :-1], offset, steps.step_mask)
+    return _step_start_sources(steps, _state_floors(steps), offset)
 
 
 def _state_floors(steps: Steps) -> torch.Tensor:
     """``[B, K + 1]`` the earliest position a value of state s_k may be read from: the token after step k-1's last
     (0 for k = 0). Column ``num_steps[b]`` is that of s_K, the state after row b's final step."""
     return F.pad(after_steps(steps), (1, 0))
+
+
+def _step_start_sources(steps: Steps, floors: torch.Tensor, offset: int) -> torch.Tensor:
+    """``[B, K]`` the step starts moved ``offset`` tokens back within ``floors`` (:func:`_state_floors`)."""
+    return _moved_back(steps.starts, floors[:, :-1], offset, steps.step_mask)
 
 
 def _moved_back(positions: torch.Tensor, floors: torch.Tensor, offset: int, keep: torch.Tensor) -> torch.Tensor:
@@ -316,8 +321,7 @@ def read_state_values(
     if offset == 0 or steps.max_steps == 0:
         return values
     floors = _state_floors(steps)  # one pass over [B, L] serves the step starts and V(s_K)
-    positions = _moved_back(steps.starts, floors[:, :-1], offset, steps.step_mask)
-    moved = scatter_to_step_starts(values, torch.gather(values, 1, positions), steps)
+    moved = scatter_to_step_starts(values, torch.gather(values, 1, _step_start_sources(steps, floors, offset)), steps)
     if bootstrap_index is None:
         return moved
     index = bootstrap_index.to(values.device)[:, None]  # [B, 1]

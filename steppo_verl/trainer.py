@@ -277,7 +277,7 @@ def resolve_value_offset(config: DictConfig, tokenizer: Any) -> int:
     """
     offset = value_offset(config.algorithm)
     if offset == 0 or config.algorithm.adv_estimator != "steppo":
-        return 0 if offset == "auto" else offset
+        return 0  # only StepPO's estimator reads V(s_k) back from the step start
     env_loops = _environment_loop_names(config)
     counts = {}
     for role in sorted({"user" if name in env_loops else "tool" for name in _training_agent_loops(config)}):
@@ -297,6 +297,16 @@ def resolve_value_offset(config: DictConfig, tokenizer: Any) -> int:
                 f"algorithm.steppo.value_offset to at most {count} (or auto)"
             )
     return offset
+
+
+def settle_value_offset(config: DictConfig, tokenizer: Any) -> None:
+    """Write :func:`resolve_value_offset`'s number back into ``config``, so the critic's step-start loss trains
+    V(s_k) where the estimator reads it: ``auto`` becomes a number, and an offset under another estimator (which
+    reads its values at the step starts) becomes 0."""
+    offset = resolve_value_offset(config, tokenizer)
+    if value_offset(config.algorithm) != offset:
+        with open_dict(config):
+            config.algorithm.steppo.value_offset = offset
 
 
 def _check_clip_range_fits_the_loss(actor: DictConfig) -> None:
@@ -733,10 +743,7 @@ class StepPOTrainer(PPOTrainerSync):
         # verl's _setup loads the tokenizer first thing, before any worker starts: the value offset is counted with
         # it there, so the estimator and the critic loss read a number from the config.
         super()._init_tokenizer()
-        offset = resolve_value_offset(self.config, self.tokenizer)
-        if value_offset(self.config.algorithm) == "auto":
-            with open_dict(self.config):
-                self.config.algorithm.steppo.value_offset = offset
+        settle_value_offset(self.config, self.tokenizer)
 
     def _setup(self) -> None:
         super()._setup()

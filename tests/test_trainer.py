@@ -309,6 +309,26 @@ def test_a_value_offset_is_counted_or_checked_against_the_templates_fixed_tokens
     with pytest.raises(ValueError, match=r"set algorithm.steppo.value_offset to at most 8 \(or auto\)"):
         resolve_value_offset(config("steppo_agent", 9), tokenizer)
     assert resolve_value_offset(config("steppo_agent", "auto", estimator="gigpo"), tokenizer) == 0, "no critic read"
+    assert resolve_value_offset(config("steppo_agent", 3, estimator="gae"), tokenizer) == 0, "gae reads step starts"
+
+
+def test_the_settled_value_offset_is_where_the_estimator_reads_and_the_critic_loss_trains():
+    from steppo_verl.trainer import settle_value_offset
+
+    tokenizer = build_tiny_tokenizer()
+
+    def settled(offset, estimator):
+        config = verl_config(f"algorithm.adv_estimator={estimator}", "critic.enable=true", "data.train_files=[]",
+                             "actor_rollout_ref.rollout.agent.default_agent_loop=steppo_env_agent",
+                             f"+algorithm.steppo.value_offset={offset}", "+algorithm.steppo.value_loss=step_starts")
+        settle_value_offset(config, tokenizer)
+        return config.algorithm.steppo.value_offset
+
+    assert settled("auto", "steppo") == 6
+    assert settled(4, "steppo") == 4
+    # gae's advantages read V at the step starts (offset 0): its step-start critic loss must train there too.
+    assert settled(4, "gae") == 0
+    assert settled("auto", "gae") == 0
 
 
 def test_value_offset_auto_needs_the_steppo_trainer_to_count_it(transfer_queue, trajectories):
