@@ -116,8 +116,6 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     "steppo+lam0": ("steppo", ("algorithm.lam=0.0",)),
     # bootstrapping pays only with a critic that keeps up with the policy (bench_credit.py): more critic epochs
     "steppo+critic_epochs4+lam0.5": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5")),
-    "steppo+critic_epochs4+lam0.5+unscaled_equal": ("steppo", ("critic.ppo_epochs=4", "algorithm.lam=0.5",
-                                                               "algorithm.steppo.unscaled_equal_returns=true")),
     "steppo+obs_value": ("steppo", OBSERVATION_VALUE),
     "steppo+obs_value+lam0.5": ("steppo", (*OBSERVATION_VALUE, "algorithm.lam=0.5")),
     "steppo+obs_value+critic_epochs4": ("steppo", (*OBSERVATION_VALUE, "critic.ppo_epochs=4")),

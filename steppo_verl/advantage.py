@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from verl.trainer.ppo.core_algos import register_adv_est
-from verl.utils.torch_functional import masked_mean, masked_var, masked_whiten
+from verl.utils.torch_functional import masked_var, masked_whiten
 
 from steppo_verl.protocol import Steps, gather_at_step_starts, locate_steps, scatter_to_tokens, step_rewards
 
@@ -188,12 +188,6 @@ def _whiten_steps(advantages: torch.Tensor, step_mask: torch.Tensor, center: boo
     return torch.where(step_mask, whitened, torch.zeros_like(advantages))
 
 
-def _center_steps(advantages: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
-    """``advantages`` minus their mean over the batch's steps, each step counted once; 0 off steps."""
-    centred = advantages - masked_mean(advantages, step_mask)
-    return torch.where(step_mask, centred, torch.zeros_like(advantages))
-
-
 def observed_step_returns(
     rewards: torch.Tensor, steps: Steps, gamma: float, bootstrap_values: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -233,7 +227,6 @@ def compute_steppo_advantage(
     skip_equal_returns: bool = True,
     batch_values: bool = False,
     advantage_clip: float | None = None,
-    unscaled_equal_returns: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step-level GAE (StepPO): one TD error per agent step, broadcast to the step's tokens.
 
@@ -264,19 +257,12 @@ def compute_steppo_advantage(
             not on the actions taken (zero in expectation: only noise), and whitening scales them to unit size
             whatever their size: on the depth-5 vault, batches without a success had step advantages of -9 to
             +10 from values that differed by ~1e-2 (benchmarks/README.md). With ``lam < 1`` the TD errors read
-            V(s_{k+1}), which an action changes, so such batches are whitened as before (or left in reward units:
-            ``unscaled_equal_returns``), unless ``batch_values``.
+            V(s_{k+1}), which an action changes, so such batches are whitened as before, unless ``batch_values``.
         batch_values: ``values`` are the batch's own Monte-Carlo returns per state (``algorithm.steppo.values``
             ``state_returns`` or ``branch_returns``; the critic's only where a state has no other visit). With the
             returns all equal such values hold no information about the actions at any ``lam``: their TD errors
             are 0 except at the critic's stand-ins, which whitening would blow up to about +-10 (benchmarks/README.md,
             depth 5). ``skip_equal_returns`` then zeroes the batch at every ``lam``.
-        unscaled_equal_returns: with ``whiten``, ``lam < 1`` and the critic's values, a batch whose observed returns
-            are all equal keeps its advantages in reward units (centred where ``center``) instead of whitening them.
-            Its TD errors then say what the critic knows about the states reached, at the critic's own scale: a room
-            it values 0.6 pushes its door by ~0.6, a critic that has learnt nothing by its noise (~1e-2), where
-            whitening makes either unit-sized (benchmarks/README.md, depth 5: batches without a success early in a
-            run got pushes of +-1-2 from values within 0.05 of each other).
         advantage_clip: bound on ``|A_k|`` after whitening; ``None``: unbounded. Whitening scales a batch's
             advantages to unit variance however few steps carry them, so an outcome that is rare in the batch (one
             success in 64 rollouts, or three failures) gets pushes of 6-9 on its steps (benchmarks/README.md); GRPO's
@@ -317,13 +303,10 @@ def compute_steppo_advantage(
             # At lam = 1 a step's advantage is its observed return minus V(s_k): with the returns all equal it says
             # nothing about the actions, only about the critic (lam < 1 reads V(s_{k+1}), which can, unless the
             # values come from these same returns).
-            bootstraps_critic = lam < 1.0 and not batch_values
-            checks = skip_equal_returns if not bootstraps_critic else unscaled_equal_returns
-            equal = checks and _all_equal(observed_step_returns(rewards, steps, gamma, bootstrap_values), step_mask)
-            if equal and bootstraps_critic:
-                advantages = _center_steps(advantages, step_mask) if center else advantages
-            else:
-                advantages = _whiten_steps(advantages, step_mask, center, flat=equal)
+            flat = skip_equal_returns and (lam == 1.0 or batch_values) and _all_equal(
+                observed_step_returns(rewards, steps, gamma, bootstrap_values), step_mask
+            )
+            advantages = _whiten_steps(advantages, step_mask, center, flat)
         if advantage_clip is not None:
             advantages = advantages.clamp(-float(advantage_clip), float(advantage_clip))
 
@@ -662,7 +645,6 @@ def steppo_estimator(
         skip_equal_returns=algorithm_option(config, "steppo.skip_equal_returns", True),
         batch_values=value_source(config) != "critic",
         advantage_clip=algorithm_option(config, "steppo.advantage_clip", None),
-        unscaled_equal_returns=algorithm_option(config, "steppo.unscaled_equal_returns", False),
     )
 
 

@@ -226,37 +226,6 @@ def test_with_lam_below_one_equal_returns_are_whitened_as_before_the_td_errors_r
     assert float(on[0, 0]) > 0 > float(on[1, 0]), "the door into a room the critic values beats the dead end"
 
 
-def test_unscaled_equal_returns_keeps_an_all_fail_batchs_td_errors_in_reward_units():
-    mask = torch.tensor([[1, 1, 0, 1, 1]] * 2)
-    values = torch.tensor([[0.1, 0.0, 0.0, 0.3, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0]])  # right door vs dead end
-    adv, ret = compute_steppo_advantage(torch.zeros(2, 5), values, mask, lam=0.0, unscaled_equal_returns=True)
-    # TD errors 0.3 - 0.1, 0 - 0.3 (row 0), 0 - 0.1, 0 (row 1); their mean over the four steps is -0.05.
-    expected = torch.tensor([[0.25, 0.25, 0.0, -0.25, -0.25], [-0.05, -0.05, 0.0, 0.05, 0.05]])
-    torch.testing.assert_close(adv, expected)
-    torch.testing.assert_close(ret, compute_steppo_advantage(torch.zeros(2, 5), values, mask, lam=0.0)[1])
-    uncentred = compute_steppo_advantage(torch.zeros(2, 5), values, mask, lam=0.0, unscaled_equal_returns=True,
-                                         center=False)[0]
-    torch.testing.assert_close(uncentred, torch.tensor([[0.2, 0.2, 0.0, -0.3, -0.3], [-0.1, -0.1, 0.0, 0.0, 0.0]]))
-
-
-def test_unscaled_equal_returns_leaves_a_flat_critics_noise_small_and_a_batch_with_a_success_whitened():
-    flat_critic = torch.tensor([[0.07, 0.0, 0.0, 0.08, 0.0], [0.071, 0.0, 0.0, 0.079, 0.0],
-                                [0.069, 0.0, 0.0, 0.081, 0.0], [0.07, 0.0, 0.0, 0.078, 0.0]])
-    mask = torch.tensor([[1, 1, 0, 1, 1]] * 4)
-    rewards = torch.zeros(4, 5)
-    whitened = compute_steppo_advantage(rewards, flat_critic, mask, lam=0.5)[0]
-    unscaled = compute_steppo_advantage(rewards, flat_critic, mask, lam=0.5, unscaled_equal_returns=True)[0]
-    assert float(whitened.abs().max()) > 1.0, "by default 1e-2 of critic noise is whitened to unit size"
-    assert float(unscaled.abs().max()) < 0.1
-    rewards[1, 4] = 1.0  # one success: the returns differ, and the batch is whitened either way
-    torch.testing.assert_close(
-        compute_steppo_advantage(rewards, flat_critic, mask, lam=0.5, unscaled_equal_returns=True)[0],
-        compute_steppo_advantage(rewards, flat_critic, mask, lam=0.5)[0])
-    # At lam 1 (and on the batch's own values) an all-fail batch is still zeroed by skip_equal_returns.
-    zeros = compute_steppo_advantage(torch.zeros(4, 5), flat_critic, mask, unscaled_equal_returns=True)[0]
-    assert torch.count_nonzero(zeros) == 0
-
-
 def test_with_the_batchs_own_values_equal_returns_are_zero_at_any_lam():
     """values=state_returns in an all-fail batch: every visited-twice state is valued 0, a state visited once keeps
     the critic's value; its lone TD error is all whitening would see (+-10 on the depth-5 vault)."""
@@ -339,10 +308,6 @@ def test_registered_entry_reads_skip_equal_returns_from_config():
                            config=OmegaConf.create({"steppo": {"skip_equal_returns": False}}))[0]
     assert torch.count_nonzero(on) == 0, "on by default"
     assert torch.count_nonzero(off) > 0
-    lam_half = {"lam": 0.5, "steppo": {"unscaled_equal_returns": True}}
-    unscaled = steppo_estimator(torch.zeros(3, 5), mask, values=values, config=OmegaConf.create(lam_half))[0]
-    whitened = steppo_estimator(torch.zeros(3, 5), mask, values=values, config=OmegaConf.create({"lam": 0.5}))[0]
-    assert float(unscaled.abs().max()) < 0.5 < float(whitened.abs().max()), "read from config"
 
 
 def test_registered_entry_refuses_to_run_without_critic_values():
