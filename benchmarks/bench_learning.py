@@ -33,6 +33,7 @@ import os
 import random
 import statistics
 import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -75,6 +76,10 @@ TOKEN_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=vanilla", "actor_ro
 # StepPO on the batch's Monte-Carlo state values at lam 0 (per-state TD credit without critic error), which several
 # arms change one thing of
 STATE_VALUES_LAM0 = ("algorithm.steppo.values=state_returns", "algorithm.lam=0.0")
+# StepPO on the vault's exact values of the current policy (a one-chain world's; README "The critic")
+VAULT_ORACLE = ("algorithm.steppo.values=oracle",
+                "algorithm.steppo.oracle.function=steppo_verl.tasks.vault.oracle.door_values",
+                "+algorithm.steppo.oracle.options.world=${data.train_files}")
 # the clip range on each step's whole ratio instead of its geometric mean (loss.py: steppo_action_clip)
 ACTION_CLIP_LOSS = ("actor_rollout_ref.actor.policy_loss.loss_mode=steppo_action_clip",)
 # V(s_k) read at the observation's last token, before the template's fixed tokens (TextWorld's tiny tokenizers:
@@ -122,6 +127,11 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # StepPO reading the batch's Monte-Carlo state values instead of its critic: the upper bound of step credit
     "steppo+state_values": ("steppo", ("algorithm.steppo.values=state_returns",)),
     "steppo+state_values+lam0": ("steppo", STATE_VALUES_LAM0),
+    # the vault's exact state values from the policy's door probabilities (tasks/vault/oracle.py), without the
+    # Monte-Carlo noise of the batch's returns: the upper bound of step credit, at three lambdas
+    "steppo+oracle_values": ("steppo", VAULT_ORACLE),
+    "steppo+oracle_values+lam0.5": ("steppo", (*VAULT_ORACLE, "algorithm.lam=0.5")),
+    "steppo+oracle_values+lam0": ("steppo", (*VAULT_ORACLE, "algorithm.lam=0.0")),
     # |A| bounded at GRPO's bound for a group of 8, (8 - 1) / sqrt(8): a rare outcome is whitened to 6-9 otherwise
     "steppo+adv_clip2.5": ("steppo", ("algorithm.steppo.advantage_clip=2.5",)),
     "steppo+state_values+lam0+adv_clip2.5": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.advantage_clip=2.5")),
@@ -262,7 +272,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                         alpha=0.15)
     ax.set_xlabel("training step (64 rollouts per step)")
     ax.set_ylabel("success of the step's rollouts")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)  # a long title on one line runs off the figure
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

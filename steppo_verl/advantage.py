@@ -583,7 +583,7 @@ def algorithm_option(config: Any, path: str, default: Any) -> Any:
     return default if node is None else node
 
 
-VALUE_SOURCES = ("critic", "state_returns", "branch_returns")
+VALUE_SOURCES = ("critic", "state_returns", "branch_returns", "oracle")
 
 
 def value_source(algorithm: Any) -> str:
@@ -596,6 +596,9 @@ def value_source(algorithm: Any) -> str:
     ``branch_returns`` does the same for the states that branched rollouts share exactly (the prompt, and
     each branch point: :func:`steppo_verl.branching.branch_state_keys`), the critic's value elsewhere: an
     unbiased Monte-Carlo V(s_k) from siblings, which only branching rollouts provide.
+    ``oracle`` reads a task's exact values of the current policy (``algorithm.steppo.oracle``, e.g. the vault's from
+    the policy's door probabilities, :mod:`steppo_verl.tasks.vault.oracle`), the critic's value where the oracle
+    has none: the upper bound of step credit without Monte-Carlo noise.
     """
     source = algorithm_option(algorithm, "steppo.values", "critic")
     if source not in VALUE_SOURCES:

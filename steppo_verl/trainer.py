@@ -100,6 +100,7 @@ class _StepBatch:
     metrics: dict[str, float] = field(default_factory=dict)
     dump: Callable[[TrajectoryBatch], Any] | None = None  # writes the per-step records of this batch
     response_mask: torch.Tensor | None = None  # [B, L] the mask the actor trains with, where an estimator changes it
+    tokenizer: Any = None  # the policy's, for a task's value oracle (values=oracle)
 
 
 # The StepPO trainer hands the step fields of the batch being processed to the estimator call
@@ -254,6 +255,29 @@ def with_state_returns(
     return scatter_to_step_starts(values, state_values, steps, where=known)
 
 
+def value_oracle(algorithm: Any) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``algorithm.steppo.oracle`` of ``values=oracle``: the task's value function (``function``, a dotted path) with
+    its ``options`` bound (interpolations resolved). It is called with ``steps``, ``step_keys`` ``[B, K]``,
+    ``responses`` and ``log_probs`` ``[B, L]`` (the policy before the update), ``outcomes`` ``[B, K]`` and the
+    ``tokenizer``, and returns ``[B, K]`` V(s_k) and ``[B, K]`` bool where it values the step
+    (e.g. :func:`steppo_verl.tasks.vault.oracle.door_values`)."""
+    path = algorithm_option(algorithm, "steppo.oracle.function", None)
+    if not path or "." not in str(path):
+        raise ValueError(
+            "algorithm.steppo.values=oracle reads a task's own state values: set algorithm.steppo.oracle.function "
+            "to the function's dotted path (e.g. steppo_verl.tasks.vault.oracle.door_values)"
+        )
+    module_name, name = str(path).rsplit(".", 1)
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as problem:
+        raise ValueError(f"algorithm.steppo.oracle.function={path}: cannot load it ({problem})") from None
+    options = algorithm_option(algorithm, "steppo.oracle.options", None) or {}
+    if isinstance(options, DictConfig):
+        options = OmegaConf.to_container(options, resolve=True)
+    return functools.partial(function, **options)
+
+
 def fixed_text_after_observation(tokenizer: Any, role: str) -> str | None:
     """What the chat template writes between a ``role`` turn's text (``user``: the environment loop's observations;
     ``tool``: tool responses) and the next assistant step: its end of turn and the assistant header; None where the
@@ -339,7 +363,8 @@ def validate_steppo_config(config: DictConfig) -> int:
     """
     estimator = config.algorithm.adv_estimator
     value_loss_positions(config)
-    value_source(config.algorithm)
+    if value_source(config.algorithm) == "oracle" and estimator == "steppo":
+        value_oracle(config.algorithm)
     check_advantage_clip(algorithm_option(config.algorithm, "steppo.advantage_clip", None))
     _check_clip_range_fits_the_loss(config.actor_rollout_ref.actor)
     # A validation-only run (python -m steppo_verl.tasks.qa.evaluate) trains nothing: a critic would only take memory.
@@ -482,15 +507,17 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
         values = read_state_values(values, steps, offset, fields.get("bootstrap_index"))
         last_values = bootstrap_values(values, fields)
     source = value_source(config) if adv_estimator == "steppo" and values is not None else "critic"
-    if source == "state_returns" and step_keys is None:
-        raise ValueError("algorithm.steppo.values=state_returns needs the agent loop's step_keys (steppo_agent)")
+    if source in ("state_returns", "oracle") and step_keys is None:
+        raise ValueError(f"algorithm.steppo.values={source} needs the agent loop's step_keys (steppo_agent)")
     # The observed returns (a float64 pass over the batch) feed the Monte-Carlo value sources and the StepPO
     # trainer's metrics and records; verl's plain path has none of them and skips the pass.
     outcomes = None
     if current is not None or source != "critic":
         outcomes = observed_returns(rewards, steps, algorithm_option(config, "gamma", 1.0), last_values)
     estimator_values = values
-    if source != "critic":
+    if source == "oracle":
+        estimator_values = _with_oracle_values(config, current, fields, batch, steps, step_keys, outcomes, values)
+    elif source != "critic":
         keys = step_keys if source == "state_returns" else branch_state_keys(
             data.non_tensor_batch.get("uid"), _branch_fields(fields), response_mask, steps
         )
@@ -541,6 +568,27 @@ def compute_step_advantages(data: DataProto, adv_estimator: str, config: Any) ->
             )
         )
     return data
+
+
+def _with_oracle_values(
+    config: Any, current: _StepBatch | None, fields: dict[str, torch.Tensor], batch: Any, steps: Steps,
+    step_keys: torch.Tensor, outcomes: torch.Tensor, values: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, L]`` a copy of ``values`` whose step starts hold the task oracle's V(s_k) (:func:`value_oracle`) where
+    it has one; records ``steppo/oracle/start_value`` (mean V(s_0): the batch's success rate, if the oracle is
+    right) and ``steppo/oracle/valued_steps`` (the fraction of steps it valued)."""
+    if current is None or "responses" not in fields or "old_log_probs" not in batch.keys():
+        raise ValueError("algorithm.steppo.values=oracle needs the StepPO trainer (python -m steppo_verl.main), which "
+                         "hands the oracle the responses and the policy's log-probs")
+    oracle_values, known = value_oracle(config)(
+        steps=steps, step_keys=step_keys, responses=fields["responses"], log_probs=batch["old_log_probs"],
+        outcomes=outcomes, tokenizer=current.tokenizer,
+    )
+    if steps.max_steps:
+        first = known[:, 0] & steps.step_mask[:, 0]
+        current.metrics["steppo/oracle/start_value"] = float(oracle_values[:, 0][first].mean()) if first.any() else 0.0
+        current.metrics["steppo/oracle/valued_steps"] = float(known[steps.step_mask].float().mean())
+    return scatter_to_step_starts(values, oracle_values, steps, where=known)
 
 
 def _branch_fields(fields: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -762,8 +810,11 @@ class StepPOTrainer(PPOTrainerSync):
             return super()._compute_advantage(batch, metrics)
         dump = self._dump_for_this_step(len(batch.keys))
         branched = reads_branches(self.config.algorithm)
-        fields = self._fetch_step_fields(batch, with_responses=dump is not None or branched, with_branches=branched)
-        token = _CURRENT_BATCH.set(_StepBatch(fields, dump=dump))
+        oracle = self.config.algorithm.adv_estimator == "steppo" and value_source(self.config.algorithm) == "oracle"
+        fields = self._fetch_step_fields(
+            batch, with_responses=dump is not None or branched or oracle, with_branches=branched
+        )
+        token = _CURRENT_BATCH.set(_StepBatch(fields, dump=dump, tokenizer=self.tokenizer))
         try:
             result = super()._compute_advantage(batch, metrics)
             current = _CURRENT_BATCH.get()

@@ -340,9 +340,62 @@ def test_value_offset_auto_needs_the_steppo_trainer_to_count_it(transfer_queue, 
         trainer_with(config)._compute_advantage(batch, {})
 
 
+ORACLE_CALLS: list[dict] = []
+
+
+def first_step_oracle(*, steps, step_keys, responses, log_probs, outcomes, tokenizer, value):
+    """A task's value oracle for the tests: ``value`` at every first step, nothing elsewhere."""
+    ORACLE_CALLS.append({"responses": responses, "log_probs": log_probs, "tokenizer": tokenizer, "keys": step_keys})
+    known = torch.zeros_like(steps.step_mask)
+    known[:, 0] = steps.step_mask[:, 0]
+    return torch.full(steps.starts.shape, float(value), dtype=torch.float64), known
+
+
+def test_steppo_on_an_oracle_reads_its_values_where_it_has_them_and_the_critics_elsewhere(transfer_queue, trajectories):
+    batch, samples = put_batch(transfer_queue, trajectories, partition="oracle")
+    batch = KVBatchMeta(keys=batch.keys, tags=batch.tags, partition_id="oracle")
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle",
+                         "+algorithm.steppo.oracle.function=test_trainer.first_step_oracle",
+                         "+algorithm.steppo.oracle.options.value=${algorithm.gamma}")
+    tokenizer, metrics = build_tiny_tokenizer(), {}
+    ORACLE_CALLS.clear()
+    trainer_with(config, tokenizer)._compute_advantage(batch, metrics)
+    advantages = transfer_queue.kv_batch_get(keys=batch.keys, partition_id="oracle",
+                                             select_fields=["advantages"])["advantages"].to_padded_tensor(0.0)
+
+    mask, step_ids, rewards, values = estimator_inputs(samples)
+    (call,) = ORACLE_CALLS
+    assert call["tokenizer"] is tokenizer
+    torch.testing.assert_close(call["responses"], padded(samples, "responses", 0))
+    torch.testing.assert_close(call["log_probs"], padded(samples, "old_log_probs", 0.0))
+    steps = locate_steps(mask, step_ids)
+    torch.testing.assert_close(call["keys"], padded(samples, "step_keys", 0).gather(1, steps.starts) * steps.step_mask)
+    # By hand: the first step of every row reads the oracle's 0.9 (algorithm.gamma, resolved), the others the critic.
+    expected_values = values.clone()
+    expected_values[:, 0] = 0.9
+    bootstrap = torch.tensor([float(s["values"][s["bootstrap_index"]]) if s["truncated"] else 0.0 for s in samples])
+    expected, _ = compute_steppo_advantage(rewards, expected_values, mask, step_ids, gamma=0.9, lam=0.95,
+                                           bootstrap_values=bootstrap)
+    torch.testing.assert_close(advantages, expected)
+    assert metrics["steppo/oracle/start_value"] == pytest.approx(0.9)
+    assert metrics["steppo/oracle/valued_steps"] == pytest.approx(len(samples) / int(steps.num_steps.sum()))
+
+
+@pytest.mark.parametrize("function, error", [
+    (None, "set algorithm.steppo.oracle.function"),
+    ("steppo_verl.tasks.vault.oracle.no_such_function", "cannot load it"),
+    ("no_such_package.oracle", "cannot load it"),
+])
+def test_an_oracle_that_cannot_be_loaded_fails_at_start_up(function, error):
+    overrides = ["algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle"]
+    overrides += [f"+algorithm.steppo.oracle.function={function}"] if function else []
+    with pytest.raises(ValueError, match=error):
+        validate_steppo_config(verl_config(*overrides))
+
+
 def test_unknown_value_source_fails_at_start_up():
-    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle")
-    sources = r"\('critic', 'state_returns', 'branch_returns'\)"
+    config = verl_config("algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=mystery")
+    sources = r"\('critic', 'state_returns', 'branch_returns', 'oracle'\)"
     with pytest.raises(ValueError, match=rf"steppo.values must be one of {sources}"):
         validate_steppo_config(config)
 

@@ -12,6 +12,8 @@
 - :mod:`~steppo_verl.tasks.vault.reward`: 1 if an observation shows the vault open and the policy answers
   ``open`` (``pkg://steppo_verl.tasks.vault.reward``). It reads the answer with the shared parser
   (:func:`steppo_verl.transcript.policy_answer`), so that both tasks read ``<answer>`` alike.
+- :mod:`~steppo_verl.tasks.vault.oracle`: the world's exact state values under the current policy, from its door
+  probabilities (``algorithm.steppo.values=oracle``: the upper bound of step credit, a measurement arm).
 - :mod:`~steppo_verl.tasks.vault.representable`: ``python -m steppo_verl.tasks.vault.representable``, whether
   the warm-started tiny policy can represent a world's optimal policy at all.
 - config: ``steppo_verl/config/task/vault.yaml`` (``+task=vault``, on top of ``tiny_policy.yaml``, the CPU tasks'
