@@ -70,7 +70,7 @@ from verl.tools.schemas import ToolResponse
 from steppo_verl.branch_loop import BranchingLoop
 from steppo_verl.endings import Ending, EndingPolicy
 from steppo_verl.safe_text import prompt_safe
-from steppo_verl.state_keys import state_key
+from steppo_verl.state_keys import state_key, tool_states_key
 from steppo_verl.step_record import StepAgentLoopOutput, StepRecord, at_turn_limit, start_episode
 
 __all__ = ["AGENT_LOOPS", "Ending", "StepAgentLoop", "StepAgentLoopOutput", "state_key"]
@@ -247,8 +247,7 @@ class StepAgentLoop(BranchingLoop, ToolAgentLoop):
         if state == AgentState.TERMINATED:
             return None
         if tool_states and None not in tool_states:
-            # Parallel calls finish in any order; the state is the set of what they reached.
-            return state_key({"tool_states": sorted(tool_states, key=repr)})
+            return tool_states_key(tool_states)
         return state_key(agent_data.messages[messages_before:])
 
     async def _call_tool(self, tool_call: FunctionCall, tools_kwargs: dict[str, Any], agent_data: AgentData):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from steppo_verl.protocol import Steps
-from steppo_verl.state_keys import state_key
+from steppo_verl.state_keys import state_key, tool_states_key
 from steppo_verl.tasks.vault.env import DEAD_END
 from steppo_verl.tasks.vault.representable import call_text
 
@@ -61,7 +61,7 @@ def _state_positions(rooms: tuple[str, ...]) -> dict[int, int]:
     names = {f"room {room}": i for i, room in enumerate(rooms)} | {"vault open": len(rooms), "dead end": DEAD_END}
     keys = {}
     for name, position in names.items():
-        keys[state_key({"tool_states": [name]})] = position
+        keys[tool_states_key([name])] = position
         keys[state_key(name)] = position
     return keys
 
