@@ -169,6 +169,24 @@ def extra_peak_bytes(fn: Callable[[], object]) -> tuple[int, int]:
     return peak - before, before
 
 
+# mallopt parameters (glibc's malloc.h) and the largest mmap threshold glibc accepts on 64-bit systems.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 * MIB
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory in the heap for the next allocation instead of handing it back to the kernel.
+
+    Why: by default glibc returns freed blocks above an adaptive threshold, so whether a call writes its outputs
+    into pages the process already has or into fresh ones (each first touch a page fault, the kernel zeroing the
+    page) depends on what was freed before it; the timings then split into two modes (benchmarks/README.md).
+    Fixed thresholds take that out, for every estimator of the run alike. Blocks of 32 MiB and more are still
+    mapped and unmapped on each call.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30)):
+        raise RuntimeError("glibc refused the mallopt settings of --keep-freed-memory")
+
+
 def measure_case(name: str, args: argparse.Namespace) -> dict:
     """Run in a fresh process: build the batch, warm the estimator up on a tiny batch, measure one call."""
     inputs, factory = CASES[name]
@@ -256,6 +274,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median is reported)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory processes")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="time with glibc keeping freed memory (fixed malloc thresholds; see keep_freed_memory)")
     parser.add_argument("--memory-case", choices=list(CASES), help="(child) measure one estimator's peak memory")
     parser.add_argument("--check-memory-method", action="store_true", help="(child) run the toy memory checks")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "advantage.json")
@@ -265,6 +285,8 @@ def main() -> None:
     if args.memory_case or args.check_memory_method:
         print(json.dumps(measure_case(args.memory_case, args) if args.memory_case else toy_checks()))
         return
+    if args.keep_freed_memory:
+        keep_freed_memory()
 
     data = multi_turn_batch(args.batch, args.steps, args.length, args.group)
     input_bytes = sum(data[k].nbytes for k in ("token_level_rewards", "values", "response_mask", "step_ids"))
@@ -276,7 +298,7 @@ def main() -> None:
               f"measured {check['measured_mib']} MiB")
     memory = {} if args.no_memory else {name: _run_child(["--memory-case", name], args) for name in CASES}
     print(f"batch {args.batch} x {args.steps} steps x {args.length} tokens, torch threads {torch.get_num_threads()}, "
-          f"inputs {input_bytes / MIB:,.0f} MiB (rewards, values, response_mask, step_ids)")
+          f"glibc keeps freed memory: {args.keep_freed_memory}, inputs {input_bytes / MIB:,.0f} MiB (rewards, values, response_mask, step_ids)")
     results = _print_table(timings, memory)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +306,7 @@ def main() -> None:
         "batch": args.batch, "steps": args.steps, "length": args.length, "group": args.group,
         "input_bytes": input_bytes,
         "repeats": args.repeats, "torch": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "memory_method_checks": checks, "results": results,
+        "threads": torch.get_num_threads(), "keep_freed_memory": args.keep_freed_memory, "memory_method_checks": checks, "results": results,
     }, indent=2))
     print(f"wrote {args.out}")
 

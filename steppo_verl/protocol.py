@@ -176,23 +176,21 @@ def _steps_from_runs(labels: torch.Tensor, action: torch.Tensor) -> Steps:
     is_start[:, :1] = True
     torch.ne(labels[:, 1:], labels[:, :-1], out=is_start[:, 1:])
     is_start &= action
-    # int32 from here on: fewer than 2**31 steps per row, and 4-byte passes are the cheap ones on CPU.
-    slots = is_start.to(torch.int32)
+    # int32 counts: fewer than 2**31 steps per row, and 4-byte passes are the cheap ones on CPU. Read off
+    # the last column, they are the step counts too (no separate sum over [B, L]).
+    slots = torch.cumsum(is_start, dim=1, dtype=torch.int32)  # steps begun at or before each token
     del is_start
-    num_steps = slots.sum(dim=1, dtype=torch.int32)
+    num_steps = slots[:, -1].to(torch.int64) if length else torch.zeros(batch_size, dtype=torch.int64, device=device)
     max_steps = int(num_steps.max()) if batch_size else 0
-    index_dtype = torch.int32 if batch_size * max_steps < 2**31 - 1 else torch.int64
-    slots = slots.to(index_dtype)
-    offsets = torch.arange(batch_size, dtype=index_dtype, device=device)[:, None] * max_steps  # [B, 1]
-    # Seeding each row's scan with b * K makes the count the table index of Steps.slots.
-    slots[:, :1] += offsets
-    slots.cumsum_(dim=1)  # b * K + number of steps begun at or before each token
-    wanted = offsets + torch.arange(1, max_steps + 1, device=device, dtype=index_dtype)  # [B, K]
+    if batch_size * max_steps >= 2**31 - 1:
+        slots = slots.to(torch.int64)
+    offsets = torch.arange(batch_size, dtype=slots.dtype, device=device)[:, None] * max_steps  # [B, 1]
+    slots += offsets  # b * K + the count: each token's table index in Steps.slots, still rising along a row
+    wanted = offsets + torch.arange(1, max_steps + 1, device=device, dtype=slots.dtype)  # [B, K]
     starts = torch.searchsorted(slots, wanted)  # first token where the count reaches k + 1
-    num_steps = num_steps.to(torch.int64)
     step_mask = torch.arange(max_steps, device=device)[None, :] < num_steps[:, None]
     starts = torch.where(step_mask, starts, torch.zeros_like(starts))
-    torch.where(action, slots, slots.new_zeros(()), out=slots)  # off-step tokens read the fill value
+    slots.mul_(action)  # off-step tokens read the fill value (a product: cheaper than a select on CPU)
     return Steps(action, starts, step_mask, num_steps, slots)
 
 

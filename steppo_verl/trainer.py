@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,6 +48,7 @@ from steppo_verl.branching import (
     branch_state_keys,
     check_rollout_n_for_branching,
 )
+from steppo_verl.dotted_path import load_dotted
 from steppo_verl.endings import Ending
 from steppo_verl.env_loop import ENV_AGENT, EnvAgentLoop
 from steppo_verl.loss import ACTION_CLIP_MODES, clip_range, step_start_value_loss
@@ -145,9 +145,8 @@ def _environment_loop_names(config: DictConfig) -> set[str]:
 
 def _target_is_env_loop(entry: DictConfig, path: str) -> bool:
     """Whether the yaml ``entry`` builds the environment loop; ValueError naming an unimportable ``_target_``."""
-    module_name, _, class_name = str(entry.get("_target_", "")).rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = load_dotted(entry.get("_target_", ""))
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(
             f"agent loop config {path}: entry {entry.name!r} has _target_ {entry.get('_target_')!r}, which "
@@ -267,9 +266,8 @@ def value_oracle(algorithm: Any) -> Callable[..., tuple[torch.Tensor, torch.Tens
             "algorithm.steppo.values=oracle reads a task's own state values: set algorithm.steppo.oracle.function "
             "to the function's dotted path (e.g. steppo_verl.tasks.vault.oracle.door_values)"
         )
-    module_name, name = str(path).rsplit(".", 1)
     try:
-        function = getattr(importlib.import_module(module_name), name)
+        function = load_dotted(path)
     except (ImportError, AttributeError) as problem:
         raise ValueError(f"algorithm.steppo.oracle.function={path}: cannot load it ({problem})") from None
     options = algorithm_option(algorithm, "steppo.oracle.options", None) or {}

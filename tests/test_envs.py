@@ -194,6 +194,9 @@ def test_make_env_by_registered_name_and_by_class_path():
         ({"max_steps": 3}, ValueError, "needs exactly one of 'name' or 'class'"),
         ({"name": "corridor", "class": "x.Y"}, ValueError, "needs exactly one of 'name' or 'class'"),
         ({"class": "CorridorEnv"}, ValueError, "must be 'package.module.Class'"),
+        ({"class": "steppo_verl.envs."}, ValueError, "must be 'package.module.Class'"),
+        ({"class": "steppo_verl.envs.NoSuchEnv"}, AttributeError, "has no attribute 'NoSuchEnv'"),
+        ({"class": "no_such_package.Env"}, ModuleNotFoundError, "No module named 'no_such_package'"),
         ({"class": "collections.OrderedDict"}, TypeError, "not a subclass of steppo_verl.envs.Environment"),
     ],
 )

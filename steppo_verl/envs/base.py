@@ -8,13 +8,13 @@ and :meth:`Environment.close` when the trajectory ends, however it ends.
 
 from __future__ import annotations
 
-import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from steppo_verl.dotted_path import load_dotted
 from steppo_verl.state_keys import KEY_BITS, state_key
 
 __all__ = ["ENVIRONMENTS", "Environment", "StepResult", "make_env", "register_env"]
@@ -116,7 +116,7 @@ def _registered(name: str) -> type[Environment]:
 
 
 def _imported(path: str) -> Any:
-    module_name, _, attribute = str(path).rpartition(".")
-    if not module_name:
-        raise ValueError(f"environment 'class' must be 'package.module.Class', got {path!r}")
-    return getattr(importlib.import_module(module_name), attribute)
+    try:
+        return load_dotted(path)
+    except ValueError:
+        raise ValueError(f"environment 'class' must be 'package.module.Class', got {path!r}") from None
