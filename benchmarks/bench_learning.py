@@ -135,6 +135,10 @@ ARMS: dict[str, Arm] = {name: Arm(*spec) for name, spec in {
     # |A| bounded at GRPO's bound for a group of 8, (8 - 1) / sqrt(8): a rare outcome is whitened to 6-9 otherwise
     "steppo+adv_clip2.5": ("steppo", ("algorithm.steppo.advantage_clip=2.5",)),
     "steppo+state_values+lam0+adv_clip2.5": ("steppo", (*STATE_VALUES_LAM0, "algorithm.steppo.advantage_clip=2.5")),
+    # exact values with the pushes bounded: do the falls of lam < 1 (README, "Depth 5: the oracle") come from their size?
+    "steppo+oracle_values+adv_clip2.5": ("steppo", (*VAULT_ORACLE, "algorithm.steppo.advantage_clip=2.5")),
+    "steppo+oracle_values+lam0+adv_clip2.5": ("steppo", (*VAULT_ORACLE, "algorithm.lam=0.0",
+                                                         "algorithm.steppo.advantage_clip=2.5")),
     # the batch's values at lam 0 with the token loss / the whole-step clip: does the step loss's geometric-mean clip
     # let the near-deterministic policy fall (README, "World 2 again")?
     "steppo+state_values+lam0+vanilla_loss": ("steppo", (*STATE_VALUES_LAM0, *TOKEN_LOSS)),
