@@ -261,14 +261,14 @@ def value_oracle(algorithm: Any) -> Callable[..., tuple[torch.Tensor, torch.Tens
     ``tokenizer``, and returns ``[B, K]`` V(s_k) and ``[B, K]`` bool where it values the step
     (e.g. :func:`steppo_verl.tasks.vault.oracle.door_values`)."""
     path = algorithm_option(algorithm, "steppo.oracle.function", None)
-    if not path or "." not in str(path):
+    if not path:
         raise ValueError(
             "algorithm.steppo.values=oracle reads a task's own state values: set algorithm.steppo.oracle.function "
             "to the function's dotted path (e.g. steppo_verl.tasks.vault.oracle.door_values)"
         )
     try:
         function = load_dotted(path)
-    except (ImportError, AttributeError) as problem:
+    except (ImportError, AttributeError, ValueError) as problem:
         raise ValueError(f"algorithm.steppo.oracle.function={path}: cannot load it ({problem})") from None
     options = algorithm_option(algorithm, "steppo.oracle.options", None) or {}
     if isinstance(options, DictConfig):

@@ -385,6 +385,7 @@ def test_steppo_on_an_oracle_reads_its_values_where_it_has_them_and_the_critics_
     (None, "set algorithm.steppo.oracle.function"),
     ("steppo_verl.tasks.vault.oracle.no_such_function", "cannot load it"),
     ("no_such_package.oracle", "cannot load it"),
+    ("door_values", r"cannot load it \('door_values' is not a dotted path"),
 ])
 def test_an_oracle_that_cannot_be_loaded_fails_at_start_up(function, error):
     overrides = ["algorithm.adv_estimator=steppo", "critic.enable=true", "+algorithm.steppo.values=oracle"]
